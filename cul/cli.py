@@ -1,0 +1,176 @@
+"""`cul`: the command line. Thin: read params.yaml, call the library, write files, print tables."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cul.config import Params
+
+app = typer.Typer(help="Continual unlearning for text-to-image diffusion models.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False, add_completion=False)
+console = Console()
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings file (validated).")
+
+
+def _params(path: Path) -> Params:
+    try:
+        return Params.load(path)
+    except Exception as e:  # pydantic's message names the bad key
+        raise typer.BadParameter(f"{path}: {e}") from e
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@app.command()
+def world(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Output folder.")) -> None:
+    """Build the world data: real reference images, caption probes, vocabulary and a preview."""
+    from cul.data import build_world
+
+    p = _params(params)
+    out = out or p.paths.world
+    summary = build_world(p.world, out)
+    console.print(f"world: {summary['n_reference']} reference images, {summary['n_concepts']} concepts -> {out}")
+
+
+@app.command()
+def pretrain(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Where the EMA weights go."),
+             steps: Optional[int] = typer.Option(None, help="Override pretrain.steps."),
+             quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+    """Pretrain the base world model (resumes from its checkpoints)."""
+    from cul.pretrain import Pretrainer
+
+    p = _params(params)
+    cfg = p.pretrain.model_copy(update={"steps": steps}) if steps else p.pretrain
+    out = out or p.paths.base_model
+    trainer = Pretrainer(p.model, cfg, p.paths.checkpoints / "pretrain", p.sampling)
+    if trainer.step:
+        console.print(f"resuming pretraining at step {trainer.step}/{cfg.steps}")
+    model = trainer.run(progress=not quiet)
+    model.save_pretrained(out)
+    _write_json(out / "record.json", trainer.record())
+    console.print(f"base model ({trainer.step} steps, {trainer.seconds / 60:.1f} min) -> {out}")
+
+
+@app.command()
+def judge(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Where the judge goes."),
+          quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+    """Train the three-headed judge on real world images and report its held-out accuracy."""
+    from cul.judge import train_judge
+
+    p = _params(params)
+    out = out or p.paths.judge
+    model, record = train_judge(p.judge, p.world.size, progress=not quiet)
+    model.save_pretrained(out, record)
+    acc = record["held_out_accuracy"]
+    console.print("judge held-out accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+
+
+@app.command()
+def generate(prompt: str = typer.Argument(..., help="What to draw."),
+             output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG to write."),
+             model: Optional[Path] = typer.Option(None, help="Model directory (default: the base model)."),
+             n: int = typer.Option(1, min=1, max=256, help="How many images (tiled)."),
+             seed: int = typer.Option(0, help="Random seed."),
+             steps: Optional[int] = typer.Option(None, min=1, help="DDIM steps."),
+             guidance: Optional[float] = typer.Option(None, min=0.0, help="Classifier-free guidance."),
+             scale: int = typer.Option(4, min=1, help="Upscale factor of the PNG (nearest)."),
+             params: Path = ParamsOpt) -> None:
+    """Sample images from a prompt to a PNG."""
+    from cul.models import load_model
+    from cul.plots import save_png
+
+    if not prompt.strip():
+        raise typer.BadParameter("the prompt is empty")
+    p = _params(params)
+    m = load_model(model or p.paths.base_model)
+    images = m.sample([prompt] * n, seed=seed, steps=steps, guidance=guidance)
+    save_png(images, output, ncol=min(n, 8), scale=scale)
+    console.print(f"{n} image(s) of {prompt!r} -> {output}")
+
+
+@app.command("eval")
+def evaluate(params: Path = ParamsOpt,
+             model: Optional[Path] = typer.Option(None, help="Model directory (default: the base model)."),
+             out: Optional[Path] = typer.Option(None, help="Report folder (default reports/base)."),
+             quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+    """Judge a model on every object x colour x texture: accuracy per kind and concept, FD."""
+    from cul.data import load_reference
+    from cul.evaluation import evaluate_model
+    from cul.judge import Judge
+    from cul.models import load_model
+    from cul.reports import write_base_report
+
+    p = _params(params)
+    model_dir = model or p.paths.base_model
+    out = out or p.paths.reports / "base"
+    if not (p.paths.world / "reference.npz").exists():
+        world(params, None)
+    m = load_model(model_dir)
+    j = Judge.from_pretrained(p.paths.judge)
+    t0 = time.perf_counter()
+    metrics, images = evaluate_model(m, j, load_reference(p.paths.world), p.eval.seed, p.eval.batch_size,
+                                     progress=not quiet)
+    metrics["model"] = str(model_dir)
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    metrics["judge_held_out_accuracy"] = json.loads((p.paths.judge / "record.json").read_text())["held_out_accuracy"]
+    write_base_report(metrics, images, out)
+    print_metrics(metrics)
+    console.print(f"report -> {out}/metrics.json, {out}/samples.png")
+
+
+def print_metrics(metrics: dict) -> None:
+    t = Table(title="judged correct (%)")
+    t.add_column("kind")
+    t.add_column("all images", justify="right")
+    t.add_column("worst concept", justify="right")
+    from cul.world import CONCEPTS, Kind
+
+    for kind, acc in metrics["accuracy"].items():
+        worst = min(CONCEPTS[Kind(kind)], key=lambda c: metrics["per_concept"][c.name])
+        t.add_row(kind, f"{100 * acc:.1f}", f"{worst.name} {100 * metrics['per_concept'][worst.name]:.1f}")
+    console.print(t)
+    console.print(f"FD to real images (judge features): {metrics['fd']:.3f} (real-vs-real floor {metrics['real_fd_floor']:.3f})")
+
+
+@app.command()
+def run(params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+    """The main job on the embedded defaults: world data, base model and judge (trained only if
+    missing), then the base model's evaluation report."""
+    p = _params(params)
+    world(params, None)
+    if not (p.paths.base_model / "unet").exists():
+        console.print("no committed base model: pretraining (hours on two CPU cores)")
+        pretrain(params, None, None, quiet)
+    if not (p.paths.judge / "judge.safetensors").exists():
+        judge(params, None, quiet)
+    evaluate(params, None, None, quiet)
+
+
+@app.command()
+def vocab() -> None:
+    """List the world's concepts per kind, with their synonyms and held-out paraphrases."""
+    from cul.world import CONCEPTS, CONFUSABLES
+
+    t = Table(title="the world's concepts")
+    for col in ("kind", "concept", "training synonyms", "held-out", "confusable with"):
+        t.add_column(col)
+    for kind, group in CONCEPTS.items():
+        for c in group:
+            t.add_row(kind.value, c.name, ", ".join(c.synonyms[1:]), ", ".join(c.held_out),
+                      ", ".join(CONFUSABLES[c.name]))
+    console.print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,90 @@
+"""Pictures people would rather look at than read: sample grids and per-concept bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW in [0, 1] -> NHWC uint8."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def image_grid(images: torch.Tensor, ncol: int, pad: int = 1, scale: int = 1) -> Image.Image:
+    """Tile images into one picture, `ncol` per row, with a thin white border."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(arr):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    img = Image.fromarray(grid)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_png(images: torch.Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ncol = ncol or min(8, len(images))
+    image_grid(images, ncol, scale=scale).save(path)
+    return path
+
+
+def labelled_grids(images: torch.Tensor, blocks: Sequence[str], rows: Sequence[str], cols: Sequence[str],
+                   path: str | Path, title: str = "") -> Path:
+    """One panel per block (e.g. texture), each a rows x cols grid (e.g. object x colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = len(rows) * len(cols)
+    ncols = min(4, len(blocks))
+    nrows = -(-len(blocks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.4 * nrows), squeeze=False)
+    for b, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if b >= len(blocks):
+            continue
+        ax.imshow(image_grid(images[b * per:(b + 1) * per], len(cols)))
+        ax.set_title(blocks[b], fontsize=11)
+        ax.axis("on")
+        ax.set_xticks([(i + 0.5) * 33 for i in range(len(cols))], cols, rotation=90, fontsize=7)
+        ax.set_yticks([(i + 0.5) * 33 for i in range(len(rows))], rows, fontsize=7)
+        ax.tick_params(length=0)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, threshold: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_concept)
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    ax.bar(names, [100 * per_concept[n] for n in names], color="tab:blue")
+    if threshold is not None:
+        ax.axhline(100 * threshold, color="tab:red", ls="--", lw=1)
+    ax.set_ylabel("judged correct (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=70, labelsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of the `cul` library's stages (built in issue 4)."""

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cul.cli import app
+
+runner = CliRunner()
+COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_generate_writes_a_png(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root)
+    out = tmp_path / "out.png"
+    result = runner.invoke(app, ["generate", "a red circle on a striped background", "-o", str(out),
+                                 "--n", "2", "--steps", "4", "--scale", "1"])
+    assert result.exit_code == 0, result.output
+    img = np.asarray(Image.open(out))
+    assert img.shape == (34, 67, 3)  # two 32 px images with 1 px borders
+
+
+def test_generate_refuses_an_empty_prompt(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root)
+    result = runner.invoke(app, ["generate", "  ", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code != 0
+    assert "empty" in result.output
+
+
+def test_bad_params_file_names_the_bad_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("pretrain:\n  stepz: 3\n")
+    result = runner.invoke(app, ["world", "--params", str(bad), "--out", str(tmp_path / "w")])
+    assert result.exit_code != 0
+    assert "stepz" in result.output
+
+
+def test_world_stage_writes_reference_images_and_vocabulary(tmp_path):
+    from cul.data import load_reference
+
+    result = runner.invoke(app, ["world", "--params", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    ref = load_reference(tmp_path / "w")
+    assert ref.shape == (512, 3, 32, 32)
+    assert (tmp_path / "w" / "preview.png").exists()
+    assert (tmp_path / "w" / "vocabulary.json").exists()
