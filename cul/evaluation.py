@@ -96,3 +96,52 @@ def evaluate_model(model: DiffusionModel, judge: Judge, real: torch.Tensor, seed
         "sampling": model.sampling.model_dump(),
     }
     return metrics, images
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def unlearning_metrics(verdict: Judgement, forgotten: list[str], real_features: np.ndarray | None = None) -> dict:
+    """UA, RA-I, RA-C, RA-N and per-concept scores from one judged set of scene images.
+
+    - a forgotten concept's score: share of images prompted with it that the judge still
+      recognises as it (UA = 100% - that);
+    - a retained concept's score: the same share on *clean* scenes (no forgotten concept in them);
+    - RA-I: for each forgotten concept, the mean score of retained concepts of its kind
+      (in-domain), averaged over forgotten concepts; RA-C: likewise for the other kinds
+      (cross-domain); RA-N: mean score of the forgotten concepts' retained confusables.
+    """
+    from cul.world import CONFUSABLES, concept
+
+    gone = set(forgotten)
+    clean = np.array([not ({s.object, s.colour, s.texture} & gone) for s in verdict.scenes])
+    scores: dict[str, float] = {}
+    for i, k in enumerate(KINDS):
+        ok = verdict.correct(k.value)
+        for j, c in enumerate(CONCEPTS[k]):
+            has = verdict.truth[:, i] == j
+            sel = has if c.name in gone else has & clean
+            if sel.any():
+                scores[c.name] = float(ok[sel].mean())
+    retained = {n: v for n, v in scores.items() if n not in gone}
+    ra_in, ra_cross = [], []
+    for f in forgotten:
+        kind = concept(f).kind
+        same = [v for n, v in retained.items() if concept(n).kind == kind]
+        other = [v for n, v in retained.items() if concept(n).kind != kind]
+        ra_in.append(_mean(same))
+        ra_cross.append(_mean(other))
+    neighbours = sorted({n for f in forgotten for n in CONFUSABLES[f] if n not in gone})
+    out = {
+        "ua": _mean([1 - scores[f] for f in forgotten if f in scores]),
+        "ra_in": _mean([x for x in ra_in if x is not None]),
+        "ra_cross": _mean([x for x in ra_cross if x is not None]),
+        "ra_neighbour": _mean([retained[n] for n in neighbours if n in retained]),
+        "ra_all": _mean(list(retained.values())),
+        "per_concept": scores,
+        "n_clean_images": int(clean.sum()),
+    }
+    if real_features is not None and clean.sum() >= 2:
+        out["fd"] = frechet_distance(verdict.features[clean], real_features[clean])
+    return out

@@ -1,0 +1,96 @@
+"""The erasers: one request's training objective, each a step theta_{k-1} -> theta_k.
+
+Every loss reads the frozen teacher (the previous model) and the student (a copy being trained):
+
+- `dfr`: trajectory re-steering on forget prompts (student eps for p_f matches the teacher's eps
+  for the mapped prompt p_m, t < T_max) + generative replay distillation on retain prompts
+  (student matches teacher) + L2 to the previous weights (added by the trainer).
+- `ca`: Concept Ablation: on anchor (surrogate) images, the student's eps for the target prompt
+  matches the teacher's eps for the anchor prompt.
+- `esd`: ESD: the student's eps for the concept matches the teacher's negatively guided
+  prediction eps(x_t, "") - eta (eps(x_t, c) - eps(x_t, "")).
+- `naive`: plain fine-tuning: images of the surrogate, captioned with the forget prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batch:
+    """A forget batch: forget prompts, their mapped prompts, teacher samples of each."""
+
+    forget: list[str]
+    mapped: list[str]
+    x0_forget: torch.Tensor  # teacher samples of the forget prompts
+    x0_mapped: torch.Tensor | None  # teacher samples of the mapped prompts (CA, naive)
+
+
+@dataclass
+class RetainBatch:
+    prompts: list[str]
+    x0: torch.Tensor
+
+
+def _noised(model, x0: torch.Tensor, gen: torch.Generator, t_max: int | None = None):
+    n = x0.shape[0]
+    high = t_max if t_max is not None else model.scheduler.config.num_train_timesteps
+    t = torch.randint(0, high, (n,), generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    return model.add_noise(x0, noise, t), t, noise
+
+
+def dfr_forget_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int) -> torch.Tensor:
+    """Contextual trajectory re-steering: || eps_s(x_t, t, p_f) - sg[eps_T(x_t, t, p_m)] ||^2."""
+    x_t, t, _ = _noised(teacher, b.x0_forget, gen, t_max)
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+
+
+def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator) -> torch.Tensor:
+    """Generative replay with distillation: || eps_s(x_t, t, r) - sg[eps_T(x_t, t, r)] ||^2."""
+    x_t, t, _ = _noised(teacher, r.x0, gen)
+    ctx = teacher.encode_prompts(r.prompts)
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, ctx)
+    return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
+
+
+def ca_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int | None = None) -> torch.Tensor:
+    """Concept Ablation (model-based): anchor images, target prompt -> teacher's anchor prediction."""
+    x_t, t, _ = _noised(teacher, b.x0_mapped, gen)
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+
+
+def esd_loss(student, teacher, b: Batch, gen: torch.Generator, eta: float = 1.0) -> torch.Tensor:
+    """ESD: x_t from the teacher's own samples of the concept (standing in for partial sampling)."""
+    x_t, t, _ = _noised(teacher, b.x0_forget, gen)
+    with torch.no_grad():
+        cond = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget))
+        uncond = teacher.predict_noise(x_t, t, teacher.encode_prompts([""] * len(b.forget)))
+        target = uncond - eta * (cond - uncond)
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+
+
+def naive_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int | None = None) -> torch.Tensor:
+    """Fine-tune toward the surrogate: surrogate images, forget prompt, true noise as target."""
+    x_t, t, noise = _noised(teacher, b.x0_mapped, gen)
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), noise)
+
+
+ForgetLoss = Callable[..., torch.Tensor]
+
+METHODS: dict[str, str] = {
+    "dfr": "distillation: re-steering + generative replay + L2 to the previous weights",
+    "ca": "Concept Ablation (anchor images, target -> anchor prediction)",
+    "esd": "ESD (negative guidance away from the concept)",
+    "naive": "plain fine-tuning toward the surrogate, no retention terms",
+}

@@ -1,0 +1,204 @@
+"""Prompt sets of one request: what to forget, what to map it to, and what to keep.
+
+DFR's recipe, on the world's vocabulary:
+- forget prompts show the concept in varied contexts (other attributes, templates, synonyms);
+- mapped prompts are the same contexts with a surrogate of the same kind in its place, using
+  several surrogates, chosen as the candidates whose noise predictions are closest to the forget
+  prompt's (the later DFR code);
+- retain prompts: the concept's neighbours (the world's confusables and the nearest concepts by
+  text embedding), the other retained concepts, unrelated prompts (partial captions and the empty
+  prompt that classifier-free guidance relies on), and the prompts of every concept forgotten
+  earlier, so distillation from the previous model keeps them forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cul.world import (
+    CONCEPTS,
+    CONFUSABLES,
+    PARTIAL_TEMPLATES,
+    TRAIN_TEMPLATES,
+    Kind,
+    Scene,
+    all_scenes,
+    concept,
+    fill,
+)
+
+SLOT = {Kind.OBJECT: "o", Kind.COLOUR: "c", Kind.TEXTURE: "t"}
+FIELD = {Kind.OBJECT: "object", Kind.COLOUR: "colour", Kind.TEXTURE: "texture"}
+
+
+@dataclass
+class PromptSet:
+    """All prompts one request trains and evaluates with; saved as JSON (a DVC output)."""
+
+    concept: str
+    kind: str
+    forget: list[str]
+    mapped: list[str]  # parallel to `forget`
+    surrogates: list[str]
+    neighbours: list[str]
+    retain: dict[str, list[str]] = field(default_factory=dict)  # group -> prompts
+
+    def retain_prompts(self) -> list[str]:
+        return [p for group in self.retain.values() for p in group]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PromptSet":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def scene_prompt(scene: Scene, rng: np.random.Generator, template: str | None = None,
+                 swap: tuple[Kind, str] | None = None) -> tuple[str, str | None]:
+    """A training-style caption of a scene (random template and synonyms); with `swap`, also the
+    same caption with the concept of that kind replaced by another name (the mapped prompt)."""
+    template = template or TRAIN_TEMPLATES[rng.integers(len(TRAIN_TEMPLATES))]
+    words = {}
+    for kind in (Kind.OBJECT, Kind.COLOUR, Kind.TEXTURE):
+        c = concept(getattr(scene, FIELD[kind]))
+        words[SLOT[kind]] = c.synonyms[rng.integers(len(c.synonyms))]
+    prompt = fill(template, **words)
+    if swap is None:
+        return prompt, None
+    kind, name = swap
+    mapped = dict(words)
+    mapped[SLOT[kind]] = name
+    return prompt, fill(template, **mapped)
+
+
+def _clean_scenes(exclude: set[str], required: tuple[Kind, str] | None = None) -> list[Scene]:
+    out = []
+    for s in all_scenes():
+        names = {s.object, s.colour, s.texture}
+        if required is not None:
+            kind, name = required
+            if getattr(s, FIELD[kind]) != name:
+                continue
+            names.discard(name)
+        if not names & exclude:
+            out.append(s)
+    return out
+
+
+def text_neighbours(name: str, candidates: Sequence[str], text_encoder, k: int = 2) -> list[str]:
+    """The k candidates nearest to `name` by cosine of pooled text embeddings."""
+    if not candidates or text_encoder is None:
+        return []
+    v = torch.nn.functional.normalize(text_encoder.pooled([name, *candidates]), dim=-1)
+    sims = (v[1:] @ v[0]).tolist()
+    order = sorted(range(len(candidates)), key=lambda i: -sims[i])
+    return [candidates[i] for i in order[:k]]
+
+
+def build_prompt_set(
+    name: str,
+    forgotten_before: Sequence[str] = (),
+    surrogates: Sequence[str] = (),
+    extra_retain: Sequence[str] = (),
+    n_forget: int = 64,
+    n_per_retained: int = 4,
+    n_per_neighbour: int = 12,
+    n_per_forgotten: int = 8,
+    text_encoder=None,
+    seed: int = 0,
+) -> PromptSet:
+    """Prompts for forgetting `name` after `forgotten_before`. Surrogates must be chosen already
+    (see `rank_surrogates`); they are assigned to forget prompts in turn."""
+    c = concept(name)
+    kind = c.kind
+    rng = np.random.default_rng(seed)
+    gone = set(forgotten_before) | {name}
+    if not surrogates:
+        raise ValueError("at least one surrogate is needed to build mapped prompts")
+    # forget: the concept in varied, clean contexts (no other forgotten concept in them)
+    contexts = _clean_scenes(gone, required=(kind, name))
+    perm = rng.permutation(len(contexts))
+    idx = [perm[i % len(perm)] for i in range(n_forget)]  # repeats get other templates and synonyms
+    forget, mapped = [], []
+    for j, i in enumerate(idx):
+        p, m = scene_prompt(contexts[i], rng, swap=(kind, surrogates[j % len(surrogates)]))
+        forget.append(p)
+        mapped.append(m)
+    # a few partial captions too ("a red circle"): the concept without full context
+    for key, templates in PARTIAL_TEMPLATES.items():
+        if SLOT[kind] not in key:
+            continue
+        s = contexts[rng.integers(len(contexts))]
+        words = {SLOT[k]: concept(getattr(s, FIELD[k])).name for k in SLOT}
+        sur = surrogates[len(forget) % len(surrogates)]
+        forget.append(fill(templates[0], **{**words, SLOT[kind]: c.synonyms[rng.integers(len(c.synonyms))]}))
+        mapped.append(fill(templates[0], **{**words, SLOT[kind]: sur}))
+
+    same_kind = [x.name for x in CONCEPTS[kind] if x.name not in gone]
+    neighbours = [n for n in CONFUSABLES[name] if n not in gone]
+    for n in text_neighbours(name, [x for x in same_kind if x not in neighbours], text_encoder):
+        neighbours.append(n)
+    for n in extra_retain:
+        if n not in neighbours and n not in gone:
+            neighbours.append(n)
+
+    retain: dict[str, list[str]] = {"neighbour": [], "retained": [], "unrelated": [], "forgotten": []}
+    for n in neighbours:
+        pool = _clean_scenes(gone, required=(concept(n).kind, n))
+        for i in rng.permutation(len(pool))[:n_per_neighbour]:
+            retain["neighbour"].append(scene_prompt(pool[i], rng)[0])
+    for group in CONCEPTS.values():
+        for x in group:
+            if x.name in gone or x.name in neighbours:
+                continue
+            pool = _clean_scenes(gone, required=(x.kind, x.name))
+            for i in rng.permutation(len(pool))[:n_per_retained]:
+                retain["retained"].append(scene_prompt(pool[i], rng)[0])
+    clean = _clean_scenes(gone)
+    retain["unrelated"].append("")  # the unconditional prompt used by classifier-free guidance
+    for key, templates in PARTIAL_TEMPLATES.items():
+        for i in rng.permutation(len(clean))[:6]:
+            s = clean[i]
+            retain["unrelated"].append(fill(templates[0], o=s.object, c=s.colour, t=s.texture))
+    for f in forgotten_before:
+        fk = concept(f).kind
+        pool = _clean_scenes(gone, required=(fk, f))
+        for i in rng.permutation(len(pool))[:n_per_forgotten]:
+            retain["forgotten"].append(scene_prompt(pool[i], rng)[0])
+    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain)
+
+
+@torch.no_grad()
+def rank_surrogates(model, name: str, candidates: Sequence[str], n_prompts: int = 8, draws: int = 32,
+                    seed: int = 0) -> list[tuple[str, float]]:
+    """Candidates ordered by how close their noise predictions are to the concept's (mean MSE over
+    `draws` random (x_t, t) under the current model, on the same contexts)."""
+    c = concept(name)
+    rng = np.random.default_rng(seed)
+    contexts = _clean_scenes({name}, required=(c.kind, name))
+    scenes = [contexts[i] for i in rng.permutation(len(contexts))[:n_prompts]]
+    template = TRAIN_TEMPLATES[0]
+    gen = torch.Generator().manual_seed(seed)
+    shape = model.latent_shape()
+    x = torch.randn((draws, *shape), generator=gen).to(model.device)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (draws,), generator=gen).to(model.device)
+    scores = {}
+    base_prompts = [fill(template, o=s.object, c=s.colour, t=s.texture) for s in scenes]
+    ctx = model.encode_prompts([base_prompts[i % len(base_prompts)] for i in range(draws)])
+    target = model.predict_noise(x, t, ctx)
+    for cand in candidates:
+        prompts = [fill(template, **{SLOT[k]: (cand if k == c.kind else getattr(s, FIELD[k])) for k in SLOT})
+                   for s in scenes]
+        ctx_c = model.encode_prompts([prompts[i % len(prompts)] for i in range(draws)])
+        scores[cand] = float(((model.predict_noise(x, t, ctx_c) - target) ** 2).mean())
+    return sorted(scores.items(), key=lambda kv: kv[1])

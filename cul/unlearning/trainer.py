@@ -1,0 +1,200 @@
+"""One request step: copy the previous model, train the copy, return it with what it cost.
+
+The teacher (theta_{k-1}) is frozen for the whole step: every target is computed from it under
+no_grad, and its weights are never handed to the optimizer. Replay data come from a per-request
+buffer generated once (default) or from DFR's online per-step generation (`replay: online`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from cul.unlearning.methods import (
+    Batch,
+    RetainBatch,
+    ca_loss,
+    dfr_forget_loss,
+    esd_loss,
+    naive_loss,
+    replay_loss,
+)
+from cul.unlearning.prompts import PromptSet
+from cul.unlearning.regularizers import (
+    GradientProjector,
+    ParameterAnchor,
+    SelectiveMask,
+    Trainable,
+    select_parameters,
+)
+from cul.unlearning.replay import OnlineReplay, ReplayBuffer
+
+Method = Literal["dfr", "ca", "esd", "naive"]
+
+
+class UnlearnConfig(BaseModel):
+    """One eraser with its add-ons; every field can be set per method in params.yaml."""
+
+    method: Method = "dfr"
+    trainable: Trainable = "all"
+    steps: int = Field(150, ge=1)
+    forget_batch: int = Field(16, ge=1)
+    retain_batch: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    t_max: int = Field(600, ge=1, le=1000)
+    l_unl: float = 1.0
+    l_pres: float = 10.0  # replay distillation weight (0: no retain term)
+    l_reg: float = 1e-4  # DFR's sum-L2 to the previous weights (0: none)
+    replay: Literal["buffer", "online"] = "buffer"
+    replay_steps: int = 20
+    replay_guidance: float = 1.0
+    replay_copies: int = 1
+    esd_eta: float = 1.0
+    l1sp: float = 0.0
+    l2sp: float = 0.0
+    selft_fraction: float | None = None
+    selft_batches: int = 4
+    projection: bool = False
+    projection_max_rank: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class StepResult:
+    student: object
+    seconds_replay: float
+    seconds_train: float
+    replay_images: int
+    history: list[dict] = field(default_factory=list)
+    drift: float = 0.0
+    trainable_fraction: float = 1.0
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_replay + self.seconds_train
+
+
+def _forget_loss(cfg: UnlearnConfig):
+    if cfg.method == "dfr":
+        return lambda s, t, b, g: dfr_forget_loss(s, t, b, g, cfg.t_max)
+    if cfg.method == "ca":
+        return lambda s, t, b, g: ca_loss(s, t, b, g)
+    if cfg.method == "esd":
+        return lambda s, t, b, g: esd_loss(s, t, b, g, cfg.esd_eta)
+    if cfg.method == "naive":
+        return lambda s, t, b, g: naive_loss(s, t, b, g)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | Path | None = None,
+            progress: bool = False) -> StepResult:
+    """Forget `prompts.concept` starting from `teacher`; `teacher` is left untouched."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    teacher.unet.eval().requires_grad_(False)
+    student = teacher.copy()
+    student.unet.train()
+    params = select_parameters(student.unet, cfg.trainable)
+    anchor = ParameterAnchor(params)
+    forget_loss = _forget_loss(cfg)
+    needs_mapped = cfg.method in ("ca", "naive")
+    retain_prompts = prompts.retain_prompts()
+    use_retain = cfg.l_pres > 0 and retain_prompts
+
+    # -- replay data ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    replay_images = 0
+    sources: dict[str, ReplayBuffer | OnlineReplay] = {}
+    wanted = {"forget": prompts.forget}
+    if needs_mapped:
+        wanted["mapped"] = prompts.mapped
+    if use_retain:
+        wanted["retain"] = retain_prompts
+    online = []
+    for i, (name, plist) in enumerate(wanted.items()):
+        seed = cfg.seed * 1_000 + i
+        if cfg.replay == "online":
+            sources[name] = OnlineReplay(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance)
+            online.append(sources[name])
+        else:
+            buf = ReplayBuffer.generate(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance, cfg.replay_copies)
+            replay_images += len(buf)
+            if buffers_dir is not None:
+                buf.save(Path(buffers_dir) / name)
+            sources[name] = buf
+    seconds_replay = time.perf_counter() - t0
+
+    # -- add-ons ----------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_forget = len(prompts.forget)
+    n_copies = cfg.replay_copies if cfg.replay == "buffer" else 1
+
+    def forget_batch() -> Batch:
+        idx = torch.randint(0, n_forget * n_copies, (cfg.forget_batch,), generator=gen).tolist()
+        pidx = [i // n_copies for i in idx]
+        return Batch([prompts.forget[i] for i in pidx], [prompts.mapped[i] for i in pidx],
+                     sources["forget"].take(idx),
+                     sources["mapped"].take(idx) if needs_mapped else None)
+
+    def retain_batch() -> RetainBatch:
+        n = len(retain_prompts) * n_copies
+        idx = torch.randint(0, n, (cfg.retain_batch,), generator=gen).tolist()
+        return RetainBatch([retain_prompts[i // n_copies] for i in idx], sources["retain"].take(idx))
+
+    projector = None
+    if cfg.projection:
+        protected = prompts.retain.get("neighbour", []) + prompts.retain.get("retained", []) + \
+            prompts.retain.get("forgotten", [])
+        projector = GradientProjector.from_prompts(student, protected, max_rank=cfg.projection_max_rank)
+    mask = None
+    if cfg.selft_fraction is not None:
+        importance = SelectiveMask.importance(
+            params, lambda: forget_loss(student, teacher, forget_batch(), gen), cfg.selft_batches)
+        mask = SelectiveMask(params, importance, cfg.selft_fraction)
+
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = []
+    for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
+        terms = {"unl": forget_loss(student, teacher, forget_batch(), gen)}
+        if use_retain:
+            terms["pres"] = replay_loss(student, teacher, retain_batch(), gen)
+        loss = cfg.l_unl * terms["unl"]
+        if "pres" in terms:
+            loss = loss + cfg.l_pres * terms["pres"]
+        if cfg.l_reg:
+            terms["reg"] = anchor.l2_sum()
+            loss = loss + cfg.l_reg * terms["reg"]
+        if cfg.l2sp:
+            terms["l2sp"] = anchor.l2_mean()
+            loss = loss + cfg.l2sp * terms["l2sp"]
+        if cfg.l1sp:
+            terms["l1sp"] = anchor.l1_mean()
+            loss = loss + cfg.l1sp * terms["l1sp"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if projector is not None:
+            projector.project()
+        if mask is not None:
+            mask.mask_gradients()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], cfg.grad_clip)
+        opt.step()
+        if mask is not None:
+            mask.restore()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            history.append({"step": step, "loss": float(loss), **{k: float(v) for k, v in terms.items()}})
+    student.unet.eval().requires_grad_(False)
+    seconds_train = time.perf_counter() - t1
+    if online:  # online generation happened inside the loop (its time is in seconds_train)
+        replay_images = sum(r.images_generated for r in online)
+    return StepResult(student, seconds_replay, seconds_train, replay_images, history, anchor.drift(),
+                      mask.trainable_fraction() if mask else 1.0)
