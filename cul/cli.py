@@ -158,6 +158,41 @@ def run(params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No pro
 
 
 @app.command()
+def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml"), help="YAML list of requests."),
+          method: Optional[str] = typer.Option(None, help="A method of params.yaml's unlearn.methods."),
+          out: Optional[Path] = typer.Option(None, help="Output folder (default reports/benchmark/METHOD)."),
+          max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many requests."),
+          train_steps: Optional[int] = typer.Option(None, min=1, help="Override the training steps per request."),
+          stride: Optional[int] = typer.Option(None, min=1, help="Evaluate on every stride-th scene."),
+          model: Optional[Path] = typer.Option(None, help="Starting model (default: the base model)."),
+          params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+    """Run a sequence of deletion requests with one method, evaluating after every step
+    (resumable: a rerun continues after the last finished step)."""
+    from cul.judge import Judge
+    from cul.models import load_model
+    from cul.plots import metric_curves
+    from cul.unlearning.sequence import Evaluator, load_sequence, run_sequence
+
+    p = _params(params)
+    name = method or p.unlearn.default
+    try:
+        spec = p.unlearn.method(name)
+    except KeyError as e:
+        raise typer.BadParameter(str(e.args[0])) from e
+    if train_steps:
+        spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": train_steps})})
+    eval_spec = p.unlearn.eval.model_copy(update={"stride": stride}) if stride else p.unlearn.eval
+    requests = load_sequence(sequence)
+    out = out or p.paths.reports / "benchmark" / name
+    base = load_model(model or p.paths.base_model)
+    evaluator = Evaluator(Judge.from_pretrained(p.paths.judge), eval_spec, p.world.size, p.world.eval_seed)
+    results = run_sequence(base, evaluator, requests, spec, out, name=name, max_steps=max_steps,
+                           progress=not quiet, log=console.print)
+    metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
+    console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
+
+
+@app.command()
 def vocab() -> None:
     """List the world's concepts per kind, with their synonyms and held-out paraphrases."""
     from cul.world import CONCEPTS, CONFUSABLES

@@ -10,25 +10,46 @@ from pydantic import BaseModel, ConfigDict, Field
 from cul.judge import JudgeConfig
 from cul.models.diffusion import SamplingConfig, WorldUNetConfig
 from cul.pretrain import PretrainConfig
+from cul.unlearning.sequence import EvalSpec, MethodSpec
 
 
 class WorldConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     size: int = Field(32, ge=16)
     seed: int = 0
     eval_seed: int = 4242
 
 
 class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     seed: int = 1234
     batch_size: int = 128
 
 
 class PathsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     world: Path = Path("data/world")
     base_model: Path = Path("models/base")
     judge: Path = Path("models/judge")
     checkpoints: Path = Path("checkpoints")
     reports: Path = Path("reports")
+
+
+class UnlearnParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: str = "dfr"
+    eval: EvalSpec = EvalSpec()
+    methods: dict[str, MethodSpec] = {"dfr": MethodSpec()}
+
+    def method(self, name: str | None) -> MethodSpec:
+        name = name or self.default
+        if name not in self.methods:
+            raise KeyError(f"unknown method {name!r}; params.yaml defines: {', '.join(self.methods)}")
+        return self.methods[name]
 
 
 class Params(BaseModel):
@@ -43,6 +64,7 @@ class Params(BaseModel):
     judge: JudgeConfig = JudgeConfig()
     eval: EvalConfig = EvalConfig()
     paths: PathsConfig = PathsConfig()
+    unlearn: UnlearnParams = UnlearnParams()
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml") -> "Params":

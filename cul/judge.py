@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +25,8 @@ KINDS: tuple[Kind, ...] = (Kind.OBJECT, Kind.COLOUR, Kind.TEXTURE)
 
 
 class JudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = 2e-3

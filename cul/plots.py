@@ -88,3 +88,34 @@ def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, th
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+BENCH_METRICS = (("ua", "UA (%)", 100), ("ra_in", "RA-I (%)", 100), ("ra_cross", "RA-C (%)", 100),
+                 ("ra_neighbour", "RA-N (%)", 100), ("fd_ratio", "FD / base FD", 1), ("drift", "||theta - theta_0||", 1))
+
+
+def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """Each metric against the request step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
+        for name, results in runs.items():
+            pts = [(r["step"], r[key] * scale) for r in results if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        ax.set_xlabel("request")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

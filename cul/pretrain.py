@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from cul.models.diffusion import SamplingConfig, WorldDiffusion, WorldUNetConfig
@@ -26,6 +26,8 @@ from cul.world import World
 
 
 class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     steps: int = Field(4000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cul.text import MINILM, TextEncoder
 
@@ -33,6 +33,8 @@ MODEL_FILE = "cul_model.json"
 class SamplingConfig(BaseModel):
     """How images are drawn by default: DDIM steps and classifier-free guidance."""
 
+    model_config = ConfigDict(extra="forbid")
+
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(3.0, ge=0.0)
     eta: float = Field(0.0, ge=0.0, le=1.0)
@@ -40,6 +42,8 @@ class SamplingConfig(BaseModel):
 
 class WorldUNetConfig(BaseModel):
     """Size of the pixel-space UNet of the embedded world (about 2M parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     sample_size: int = 32
     block_out_channels: tuple[int, ...] = (32, 64, 64)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cul.unlearning.methods import (
     Batch,
@@ -39,6 +39,8 @@ Method = Literal["dfr", "ca", "esd", "naive"]
 
 class UnlearnConfig(BaseModel):
     """One eraser with its add-ons; every field can be set per method in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
 
     method: Method = "dfr"
     trainable: Trainable = "all"
@@ -191,7 +193,7 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
         if mask is not None:
             mask.restore()
         if step % 10 == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": float(loss), **{k: float(v) for k, v in terms.items()}})
+            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
     student.unet.eval().requires_grad_(False)
     seconds_train = time.perf_counter() - t1
     if online:  # online generation happened inside the loop (its time is in seconds_train)

@@ -1,0 +1,236 @@
+"""Running a sequence of deletion requests and evaluating after every step (the benchmark).
+
+Three ways to reach theta_k:
+- `sequential`: theta_{k-1} -> theta_k with the configured eraser (the continual setting);
+- `simultaneous`: all concepts so far at once from theta_0 (the reference upper bound);
+- `ties`: each concept erased from theta_0 on its own, then TIES-merged.
+
+Resumable per step: each finished step's weights, prompts and metrics are on disk, and a rerun
+continues after the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from cul.evaluation import Judgement, generate_scenes, judge_images, unlearning_metrics
+from cul.judge import to_tensor
+from cul.unlearning.merging import ties_merge
+from cul.unlearning.prompts import PromptSet, build_prompt_set, rank_surrogates
+from cul.unlearning.regularizers import select_parameters
+from cul.unlearning.request import Request, resolve_request
+from cul.unlearning.trainer import UnlearnConfig, unlearn
+from cul.world import CONCEPTS, World, all_scenes
+
+Mode = Literal["sequential", "simultaneous", "ties"]
+
+
+class MethodSpec(BaseModel):
+    """A named benchmark entry: an eraser configuration and how steps are composed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "sequential"
+    unlearn: UnlearnConfig = UnlearnConfig()
+    n_surrogates: int = Field(5, ge=1)
+    ties_k: float = 0.5
+    ties_lambda: float = 1.5
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 1234
+    stride: int = Field(1, ge=1)  # evaluate every stride-th of the 512 scenes
+    batch_size: int = 128
+
+
+def load_sequence(path: str | Path) -> list[Request]:
+    """A YAML list of requests: [{concept: circle, kind: object}, ...]."""
+    data = yaml.safe_load(Path(path).read_text())
+    items = data.get("requests", data) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty list of requests")
+    return [Request(**(i if isinstance(i, dict) else {"concept": str(i)})) for i in items]
+
+
+def choose_surrogates(model, name: str, forgotten: list[str], hints: list[str], n: int) -> list[str]:
+    """Hints first, then the same-kind candidates closest in noise prediction (later DFR code)."""
+    from cul.world import concept
+
+    kind = concept(name).kind
+    candidates = [c.name for c in CONCEPTS[kind] if c.name != name and c.name not in forgotten and c.name not in hints]
+    ranked = [c for c, _ in rank_surrogates(model, name, candidates)]
+    return (list(hints) + ranked)[:n]
+
+
+def prepare_step(model, request: Request, forgotten: list[str], spec: MethodSpec, seed: int) -> PromptSet:
+    r = resolve_request(request, forgotten)
+    surrogates = choose_surrogates(model, r.concept, forgotten, r.surrogates, spec.n_surrogates)
+    return build_prompt_set(r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed)
+
+
+def merge_prompt_sets(sets: list[PromptSet]) -> PromptSet:
+    """All concepts at once: every forget/mapped pair, and the last set's retain groups (built
+    knowing every concept), without the 'forgotten' group since nothing was forgotten before."""
+    last = sets[-1]
+    retain = {k: v for k, v in last.retain.items() if k != "forgotten"}
+    return PromptSet("+".join(s.concept for s in sets), last.kind,
+                     [p for s in sets for p in s.forget], [p for s in sets for p in s.mapped],
+                     sorted({x for s in sets for x in s.surrogates}),
+                     sorted({x for s in sets for x in s.neighbours}), retain)
+
+
+class Evaluator:
+    """Fixed scenes, seeds and real features: two evaluations of the same weights agree exactly."""
+
+    def __init__(self, judge, spec: EvalSpec, size: int = 32, real_seed: int = 4242) -> None:
+        self.judge = judge
+        self.spec = spec
+        self.scenes = all_scenes()[:: spec.stride]
+        real = to_tensor(World(size=size, seed=real_seed).render_all(all_scenes()))[:: spec.stride]
+        self.real_features = judge.embed(real)
+        self._base: Judgement | None = None
+
+    def judge_model(self, model) -> Judgement:
+        images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size)
+        return judge_images(self.judge, images, self.scenes)
+
+    def set_base(self, base_model) -> dict:
+        self._base = self.judge_model(base_model)
+        return unlearning_metrics(self._base, [], self.real_features)
+
+    def __call__(self, model, forgotten: list[str]) -> dict:
+        v = self.judge_model(model)
+        m = unlearning_metrics(v, forgotten, self.real_features)
+        if self._base is not None:
+            base = unlearning_metrics(self._base, forgotten, self.real_features)
+            m["base"] = {k: base[k] for k in ("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd")}
+            if base.get("fd"):
+                m["fd_ratio"] = m["fd"] / base["fd"]
+        return m
+
+
+def weight_drift(model, base_state: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        return float(sum(((p - base_state[n]) ** 2).sum() for n, p in model.unet.named_parameters()).sqrt())
+
+
+def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec: MethodSpec, out: str | Path,
+                 name: str = "", max_steps: int | None = None, progress: bool = True,
+                 log=print) -> list[dict]:
+    """Process `requests` in order; write DIR/results.json after every step; resume if present."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
+    base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
+    if evaluator._base is None:
+        evaluator.set_base(base_model)
+    model = base_model
+    forgotten: list[str] = [r["concept"] for r in results]
+    if results:
+        last = out / "steps" / f"{len(results):02d}" / "unet"
+        model = base_model.copy()
+        model.unet = UNet2DConditionModel.from_pretrained(last, use_safetensors=True).eval()
+        log(f"[{name}] resuming after step {len(results)} ({', '.join(forgotten)})")
+    sets: list[PromptSet] = [PromptSet.load(out / "steps" / f"{i + 1:02d}" / "prompts.json") for i in range(len(results))]
+    ties_states: list[dict] = []
+    if spec.mode == "ties":
+        for i in range(len(results)):
+            ties_states.append(UNet2DConditionModel.from_pretrained(out / "steps" / f"{i + 1:02d}" / "single",
+                                                                    use_safetensors=True).state_dict())
+    todo = requests[len(results):]
+    if max_steps is not None:
+        todo = todo[: max(0, max_steps - len(results))]
+    for request in todo:
+        k = len(results) + 1
+        step_dir = out / "steps" / f"{k:02d}"
+        t0 = time.perf_counter()
+        start = base_model if spec.mode != "sequential" else model
+        ps = prepare_step(start, request, forgotten if spec.mode == "sequential" else [], spec, seed=k)
+        if spec.mode == "simultaneous":
+            # context prompts must avoid every concept of the batch: rebuild each set knowing all of them
+            names = forgotten + [ps.concept]
+            sets_now = [build_prompt_set(c, [x for x in names if x != c], _valid(s.surrogates, c, names),
+                                         text_encoder=base_model.text, seed=i + 1)
+                        for i, (c, s) in enumerate(zip(names, sets + [ps]))]
+            train_set = merge_prompt_sets(sets_now)
+            cfg = spec.unlearn.model_copy(update={"steps": spec.unlearn.steps * len(names)})
+        else:
+            train_set, cfg = ps, spec.unlearn
+        cfg = cfg.model_copy(update={"seed": spec.unlearn.seed * 100 + k})
+        result = unlearn(start, train_set, cfg, progress=progress)
+        student = result.student
+        if spec.mode == "ties":
+            step_dir.mkdir(parents=True, exist_ok=True)
+            student.unet.save_pretrained(step_dir / "single", safe_serialization=True)
+            ties_states.append(student.unet.state_dict())
+            keys = list(select_parameters(base_model.copy().unet, spec.unlearn.trainable))
+            merged = ties_merge(base_model.unet.state_dict(), ties_states, keys, spec.ties_k, spec.ties_lambda)
+            student = base_model.copy()
+            student.unet.load_state_dict(merged)
+            student.unet.eval()
+        seconds_step = time.perf_counter() - t0
+        forgotten = forgotten + [ps.concept]
+        sets.append(ps)
+        metrics = evaluator(student, forgotten)
+        entry = {
+            "step": k,
+            "method": name,
+            "request": request.model_dump(),
+            "concept": ps.concept,
+            "ua": metrics["ua"],
+            "ra_in": metrics["ra_in"],
+            "ra_cross": metrics["ra_cross"],
+            "ra_neighbour": metrics["ra_neighbour"],
+            "ra_all": metrics["ra_all"],
+            "fd": metrics.get("fd"),
+            "fd_ratio": metrics.get("fd_ratio"),
+            "drift": weight_drift(student, base_state),
+            "seconds": round(seconds_step, 1),
+            "seconds_replay": round(result.seconds_replay, 1),
+            "seconds_train": round(result.seconds_train, 1),
+            "replay_images": result.replay_images,
+            "surrogates": ps.surrogates,
+            "base": metrics.get("base"),
+            "per_concept": metrics["per_concept"],
+            "history": result.history,
+        }
+        step_dir.mkdir(parents=True, exist_ok=True)
+        ps.save(step_dir / "prompts.json")
+        student.unet.save_pretrained(step_dir / "unet", safe_serialization=True)
+        results.append(entry)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        log(f"[{name}] step {k} forget {ps.concept}: UA {_pct(entry['ua'])} RA-I {_pct(entry['ra_in'])} "
+            f"RA-C {_pct(entry['ra_cross'])} RA-N {_pct(entry['ra_neighbour'])} "
+            f"FDx {entry['fd_ratio'] or float('nan'):.2f} ({entry['seconds']:.0f} s)")
+        model = student
+    return results
+
+
+def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
+    """Surrogates that are not themselves being forgotten (else any retained concept of the kind)."""
+    from cul.world import concept
+
+    keep = [x for x in surrogates if x not in gone]
+    return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
+
+
+def _pct(x: float | None) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}"
+
+
+def summarise(results: list[dict]) -> dict:
+    last = results[-1]
+    return {k: last.get(k) for k in ("step", "ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "drift")} | {
+        "mean_seconds": float(np.mean([r["seconds"] for r in results]))}
