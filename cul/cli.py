@@ -103,8 +103,11 @@ def generate(prompt: str = typer.Argument(..., help="What to draw."),
 def evaluate(params: Path = ParamsOpt,
              model: Optional[Path] = typer.Option(None, help="Model directory (default: the base model)."),
              out: Optional[Path] = typer.Option(None, help="Report folder (default reports/base)."),
+             forgotten: Optional[str] = typer.Option(None, help="Comma-separated concepts forgotten so far: "
+                                                     "report UA, RA-I, RA-C, RA-N and FD against the base model."),
              quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
-    """Judge a model on every object x colour x texture: accuracy per kind and concept, FD."""
+    """Judge a model on every object x colour x texture: accuracy per kind and concept, FD; with
+    --forgotten, the unlearning metrics too."""
     from cul.data import load_reference
     from cul.evaluation import evaluate_model
     from cul.judge import Judge
@@ -113,11 +116,33 @@ def evaluate(params: Path = ParamsOpt,
 
     p = _params(params)
     model_dir = model or p.paths.base_model
-    out = out or p.paths.reports / "base"
+    j = Judge.from_pretrained(p.paths.judge)
+    m = load_model(model_dir)
+    if forgotten:
+        from cul.unlearning.sequence import Evaluator
+        from cul.world import resolve
+
+        names = [x.strip() for x in forgotten.split(",") if x.strip()]
+        unknown = [x for x in names if resolve(x) is None or resolve(x).name != x]
+        if unknown:
+            raise typer.BadParameter(f"not concept names of this world: {', '.join(unknown)}")
+        evaluator = Evaluator(j, p.unlearn.eval, p.world.size, p.world.eval_seed)
+        evaluator.set_base(load_model(p.paths.base_model))
+        metrics = evaluator(m, names)
+        out = out or Path(model_dir) / "eval"
+        _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics})
+        t = Table(title=f"{model_dir}: forgotten {', '.join(names)}")
+        for col in ("UA", "RA-I", "RA-C", "RA-N", "FD / base"):
+            t.add_column(col, justify="right")
+        f = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+        t.add_row(f(metrics["ua"]), f(metrics["ra_in"]), f(metrics["ra_cross"]), f(metrics["ra_neighbour"]),
+                  f"{metrics.get('fd_ratio', float('nan')):.2f}")
+        console.print(t)
+        console.print(f"-> {out}/metrics.json")
+        return
     if not (p.paths.world / "reference.npz").exists():
         world(params, None)
-    m = load_model(model_dir)
-    j = Judge.from_pretrained(p.paths.judge)
+    out = out or p.paths.reports / "base"
     t0 = time.perf_counter()
     metrics, images = evaluate_model(m, j, load_reference(p.paths.world), p.eval.seed, p.eval.batch_size,
                                      progress=not quiet)
@@ -154,7 +179,7 @@ def run(params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No pro
         pretrain(params, None, None, quiet)
     if not (p.paths.judge / "judge.safetensors").exists():
         judge(params, None, quiet)
-    evaluate(params, None, None, quiet)
+    evaluate(params, None, None, None, quiet)
 
 
 @app.command()
@@ -190,6 +215,26 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
                            progress=not quiet, log=console.print)
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
+
+
+@app.command()
+def report(runs: Path = typer.Option(Path("reports/benchmark"), help="Folder of METHOD/results.json runs."),
+           out: Optional[Path] = typer.Option(None, help="Where table.md and metrics.png go (default: RUNS).")) -> None:
+    """Combine benchmark runs: a markdown table of the last step of each method, and plots of
+    every metric against the request step for all methods."""
+    from cul.plots import metric_curves
+    from cul.reports import benchmark_table
+
+    out = out or runs
+    found = {f.parent.name: json.loads(f.read_text()) for f in sorted(runs.glob("*/results.json"))}
+    found = {k: v for k, v in found.items() if v}
+    if not found:
+        raise typer.BadParameter(f"no */results.json under {runs}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(benchmark_table(found))
+    metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
+    console.print((out / "table.md").read_text())
+    console.print(f"-> {out}/table.md, {out}/metrics.png")
 
 
 @app.command()

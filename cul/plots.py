@@ -91,7 +91,8 @@ def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, th
 
 
 BENCH_METRICS = (("ua", "UA (%)", 100), ("ra_in", "RA-I (%)", 100), ("ra_cross", "RA-C (%)", 100),
-                 ("ra_neighbour", "RA-N (%)", 100), ("fd_ratio", "FD / base FD", 1), ("drift", "||theta - theta_0||", 1))
+                 ("ra_neighbour", "RA-N (%)", 100), ("fd_ratio", "FD / base FD", 1), ("drift", "||theta - theta_0||", 1),
+                 ("seconds", "seconds per request (replay + training)", 1), ("ra_all", "all retained concepts (%)", 100))
 
 
 def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -101,7 +102,7 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
         for name, results in runs.items():
             pts = [(r["step"], r[key] * scale) for r in results if r.get(key) is not None]

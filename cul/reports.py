@@ -21,3 +21,26 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
                    "base model samples (rows: object, columns: colour, panels: texture)")
     concept_bars(metrics["per_concept"], out / "per_concept.png",
                  "base model: share of samples the judge finds correct, per concept", threshold=0.8)
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def benchmark_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: each method's metrics after its last step, and its mean cost per request."""
+    head = ("| method | steps | UA | RA-I | RA-C | RA-N | mean(UA, RA-I, RA-C) | FD / base | drift "
+            "| s / request | replay images / request |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for name, results in runs.items():
+        r = results[-1]
+        trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
+        mean = sum(trio) / 3 if all(v is not None for v in trio) else None
+        secs = sum(x["seconds"] for x in results) / len(results)
+        imgs = sum(x.get("replay_images", 0) for x in results) / len(results)
+        rows.append(f"| {name} | {r['step']} | {_fmt(r['ua'])} | {_fmt(r['ra_in'])} | {_fmt(r['ra_cross'])} "
+                    f"| {_fmt(r['ra_neighbour'])} | {_fmt(mean)} | {_fmt(r.get('fd_ratio'), False)} "
+                    f"| {_fmt(r.get('drift'), False)} | {secs:.0f} | {imgs:.0f} |")
+    return head + "\n".join(rows) + "\n"

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from cul.cli import app
 
 runner = CliRunner()
-COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab"]
+COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab", "bench", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
