@@ -126,7 +126,7 @@ def evaluate(params: Path = ParamsOpt,
         unknown = [x for x in names if resolve(x) is None or resolve(x).name != x]
         if unknown:
             raise typer.BadParameter(f"not concept names of this world: {', '.join(unknown)}")
-        evaluator = Evaluator(j, p.unlearn.eval, p.world.size, p.world.eval_seed)
+        evaluator = Evaluator(j, p.eval, p.world.size, p.world.eval_seed)
         evaluator.set_base(load_model(p.paths.base_model))
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
@@ -206,7 +206,7 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
         raise typer.BadParameter(str(e.args[0])) from e
     if train_steps:
         spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": train_steps})})
-    eval_spec = p.unlearn.eval.model_copy(update={"stride": stride}) if stride else p.unlearn.eval
+    eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     requests = load_sequence(sequence)
     out = out or p.paths.reports / "benchmark" / name
     base = load_model(model or p.paths.base_model)

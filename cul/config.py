@@ -21,13 +21,6 @@ class WorldConfig(BaseModel):
     eval_seed: int = 4242
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 1234
-    batch_size: int = 128
-
-
 class PathsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,7 +35,6 @@ class UnlearnParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     default: str = "dfr"
-    eval: EvalSpec = EvalSpec()
     methods: dict[str, MethodSpec] = {"dfr": MethodSpec()}
 
     def method(self, name: str | None) -> MethodSpec:
@@ -62,7 +54,7 @@ class Params(BaseModel):
     sampling: SamplingConfig = SamplingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     judge: JudgeConfig = JudgeConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalSpec = EvalSpec()  # seeds of every evaluation; stride applies to unlearning runs
     paths: PathsConfig = PathsConfig()
     unlearn: UnlearnParams = UnlearnParams()
 

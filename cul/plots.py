@@ -60,6 +60,12 @@ def labelled_grids(images: torch.Tensor, blocks: Sequence[str], rows: Sequence[s
         ax.tick_params(length=0)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,11 +89,7 @@ def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, th
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=70, labelsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 BENCH_METRICS = (("ua", "UA (%)", 100), ("ra_in", "RA-I (%)", 100), ("ra_cross", "RA-C (%)", 100),
@@ -114,9 +116,4 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     axes.flat[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -193,6 +193,7 @@ class Pretrainer:
             "train_seconds": round(self.seconds, 1),
             "final_loss": self.history[-1]["loss"] if self.history else None,
             "config": self.cfg.model_dump(),
+            "sampling": self.model.sampling.model_dump(),
             "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
             "torch_threads": torch.get_num_threads(),
             "history": self.history,
