@@ -45,11 +45,17 @@ def _noised(model, x0: torch.Tensor, gen: torch.Generator, t_max: int | None = N
     return model.add_noise(x0, noise, t), t, noise
 
 
-def dfr_forget_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int) -> torch.Tensor:
-    """Contextual trajectory re-steering: || eps_s(x_t, t, p_f) - sg[eps_T(x_t, t, p_m)] ||^2."""
+def dfr_forget_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int, push: float = 0.0) -> torch.Tensor:
+    """Contextual trajectory re-steering: || eps_s(x_t, t, p_f) - sg[eps_T(x_t, t, p_m)] ||^2.
+
+    `push` > 0 (our option, not in DFR) moves the target further from the concept,
+    eps_T(p_m) + push (eps_T(p_m) - eps_T(p_f)), as ESD's negative guidance does: classifier-free
+    guidance multiplies whatever is left of the concept in eps(p_f), so a plain match leaves traces."""
     x_t, t, _ = _noised(teacher, b.x0_forget, gen, t_max)
     with torch.no_grad():
         target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+        if push:
+            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
 
 

@@ -42,6 +42,7 @@ class MethodSpec(BaseModel):
     mode: Mode = "sequential"
     unlearn: UnlearnConfig = UnlearnConfig()
     n_surrogates: int = Field(5, ge=1)
+    surrogate_neighbours: bool = True  # False: never map a concept onto its own confusables
     ties_k: float = 0.5
     ties_lambda: float = 1.5
 
@@ -63,19 +64,23 @@ def load_sequence(path: str | Path) -> list[Request]:
     return [Request(**(i if isinstance(i, dict) else {"concept": str(i)})) for i in items]
 
 
-def choose_surrogates(model, name: str, forgotten: list[str], hints: list[str], n: int) -> list[str]:
-    """Hints first, then the same-kind candidates closest in noise prediction (later DFR code)."""
-    from cul.world import concept
+def choose_surrogates(model, name: str, forgotten: list[str], hints: list[str], n: int,
+                      neighbours: bool = True) -> list[str]:
+    """Hints first, then the same-kind candidates closest in noise prediction (later DFR code);
+    with `neighbours=False` the concept's confusables are not candidates."""
+    from cul.world import CONFUSABLES, concept
 
     kind = concept(name).kind
-    candidates = [c.name for c in CONCEPTS[kind] if c.name != name and c.name not in forgotten and c.name not in hints]
+    banned = set(forgotten) | set(hints) | {name} | (set() if neighbours else set(CONFUSABLES[name]))
+    candidates = [c.name for c in CONCEPTS[kind] if c.name not in banned]
     ranked = [c for c, _ in rank_surrogates(model, name, candidates)]
     return (list(hints) + ranked)[:n]
 
 
 def prepare_step(model, request: Request, forgotten: list[str], spec: MethodSpec, seed: int) -> PromptSet:
     r = resolve_request(request, forgotten)
-    surrogates = choose_surrogates(model, r.concept, forgotten, r.surrogates, spec.n_surrogates)
+    surrogates = choose_surrogates(model, r.concept, forgotten, r.surrogates, spec.n_surrogates,
+                                   spec.surrogate_neighbours)
     return build_prompt_set(r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed)
 
 

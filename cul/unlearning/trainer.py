@@ -59,6 +59,7 @@ class UnlearnConfig(BaseModel):
     replay_guidance: float = 1.0
     replay_copies: int = 1
     esd_eta: float = 1.0
+    push: float = 0.0  # dfr: extra push of the re-steering target away from the concept (0 = DFR)
     l1sp: float = 0.0
     l2sp: float = 0.0
     selft_fraction: float | None = None
@@ -85,7 +86,7 @@ class StepResult:
 
 def _forget_loss(cfg: UnlearnConfig):
     if cfg.method == "dfr":
-        return lambda s, t, b, g: dfr_forget_loss(s, t, b, g, cfg.t_max)
+        return lambda s, t, b, g: dfr_forget_loss(s, t, b, g, cfg.t_max, cfg.push)
     if cfg.method == "ca":
         return lambda s, t, b, g: ca_loss(s, t, b, g)
     if cfg.method == "esd":
