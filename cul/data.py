@@ -17,7 +17,7 @@ from cul.world import CONCEPTS, CONFUSABLES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
 
 
 def build_world(cfg: WorldConfig, out: str | Path) -> dict:
-    from cul.plots import labelled_grids
+    from cul.plots import scene_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,9 +40,8 @@ def build_world(cfg: WorldConfig, out: str | Path) -> dict:
     }
     (out / "vocabulary.json").write_text(json.dumps(vocab, indent=2) + "\n")
     names = vocabulary()
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
-    labelled_grids(tensor, names["texture"], names["object"], names["colour"], out / "preview.png",
-                   "real world images (rows: object, columns: colour, panels: texture)")
+    scene_grid(torch.from_numpy(images).permute(0, 3, 1, 2), out / "preview.png",
+               "real world images (rows: object, columns: colour, panels: texture)")
     return {"n_reference": len(scenes), "n_concepts": sum(len(v) for v in names.values())}
 
 

@@ -74,6 +74,18 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def scene_grid(images: torch.Tensor, path: str | Path, title: str) -> Path:
+    """All 512 scenes (in `world.all_scenes()` order: object, colour, texture) as one panel per
+    texture, rows objects, columns colours."""
+    from cul.world import vocabulary
+
+    names = vocabulary()
+    n_o, n_c, n_t = len(names["object"]), len(names["colour"]), len(names["texture"])
+    by_texture = images.reshape(n_o, n_c, n_t, *images.shape[1:]).permute(2, 0, 1, 3, 4, 5)
+    return labelled_grids(by_texture.reshape(-1, *images.shape[1:]), names["texture"], names["object"],
+                          names["colour"], path, title)
+
+
 def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, threshold: float | None = None) -> Path:
     import matplotlib
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cul.plots import concept_bars, labelled_grids
-from cul.world import vocabulary
+from cul.plots import concept_bars, scene_grid
 
 
 def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> None:
@@ -16,9 +15,7 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    names = vocabulary()
-    labelled_grids(images, names["texture"], names["object"], names["colour"], out / "samples.png",
-                   "base model samples (rows: object, columns: colour, panels: texture)")
+    scene_grid(images, out / "samples.png", "base model samples (rows: object, columns: colour, panels: texture)")
     concept_bars(metrics["per_concept"], out / "per_concept.png",
                  "base model: share of samples the judge finds correct, per concept", threshold=0.8)
 
