@@ -90,7 +90,7 @@ def test_one_dfr_step_lowers_the_forgotten_concepts_judge_score(base_model, judg
     ps = build_prompt_set("red", surrogates=["orange", "pink", "purple"], n_forget=32, n_per_retained=1,
                           n_per_neighbour=4, text_encoder=base_model.text)
     cfg = UnlearnConfig(method="dfr", steps=40, forget_batch=16, retain_batch=16, lr=5e-4, replay_steps=10,
-                        replay_guidance=3.0)
+                        replay_guidance=3.0, l_unl=10.0, push=1.0)
     before = judge_images(judge, generate_scenes(base_model, red, seed=7), red).accuracy_per_concept()["red"]
     student = unlearn(base_model, ps, cfg).student
     after = judge_images(judge, generate_scenes(student, red, seed=7), red).accuracy_per_concept()["red"]
