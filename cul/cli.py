@@ -147,11 +147,11 @@ def evaluate(params: Path = ParamsOpt,
     metrics, images = evaluate_model(m, j, load_reference(p.paths.world), p.eval.seed, p.eval.batch_size,
                                      progress=not quiet)
     metrics["model"] = str(model_dir)
-    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    seconds = time.perf_counter() - t0  # printed, not stored: metrics.json stays byte-identical on reruns
     metrics["judge_held_out_accuracy"] = json.loads((p.paths.judge / "record.json").read_text())["held_out_accuracy"]
     write_base_report(metrics, images, out)
     print_metrics(metrics)
-    console.print(f"report -> {out}/metrics.json, {out}/samples.png")
+    console.print(f"report -> {out}/metrics.json, {out}/samples.png ({seconds:.0f} s)")
 
 
 def print_metrics(metrics: dict) -> None:
