@@ -66,8 +66,9 @@ def judge_images(judge: Judge, images: torch.Tensor, scenes: list[Scene]) -> Jud
 
 
 def generate_scenes(model: DiffusionModel, scenes: list[Scene], seed: int, batch_size: int = 128,
-                    progress: bool = False, template: str | None = None) -> torch.Tensor:
-    prompts = [caption(s.object, s.colour, s.texture, *([template] if template else [])) for s in scenes]
+                    progress: bool = False) -> torch.Tensor:
+    """One image per scene, prompted with its canonical caption."""
+    prompts = [caption(s.object, s.colour, s.texture) for s in scenes]
     return model.sample(prompts, seed=seed, batch_size=batch_size, progress=progress)
 
 

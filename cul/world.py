@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -358,14 +358,9 @@ class World:
             TEXTURES[rng.integers(len(TEXTURES))].name,
         )
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, list[str], list[Scene]]]:
-        """An endless, resumable stream: batch i depends only on (seed, i)."""
-        i = start
-        while True:
-            yield self.batch(batch_size, i)
-            i += 1
-
     def batch(self, batch_size: int, index: int) -> tuple[np.ndarray, list[str], list[Scene]]:
+        """Batch `index` of an endless stream; it depends only on (seed, index), so training resumes
+        on exactly the data it would have seen."""
         rng = np.random.default_rng([self.seed, index])
         scenes = [self.random_scene(rng) for _ in range(batch_size)]
         images = np.stack([render(s, self.size, rng) for s in scenes])

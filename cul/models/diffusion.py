@@ -228,10 +228,6 @@ class StableDiffusion(DiffusionModel):
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        s = self.unet.config.sample_size
-        return (self.unet.config.in_channels, s, s)
-
     @torch.no_grad()
     def to_latents(self, images: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(images.to(self.device) * 2 - 1).latent_dist

@@ -191,6 +191,3 @@ class GradientProjector:
                 layer.weight.grad = g @ self.P[n].to(g.device)
         for p in self.frozen:
             p.grad = None
-
-    def parameters(self) -> Iterable[nn.Parameter]:
-        return (layer.weight for layer in self.layers.values())

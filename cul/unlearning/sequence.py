@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import yaml
 from diffusers import UNet2DConditionModel
@@ -234,8 +233,3 @@ def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
 def _pct(x: float | None) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}"
 
-
-def summarise(results: list[dict]) -> dict:
-    last = results[-1]
-    return {k: last.get(k) for k in ("step", "ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "drift")} | {
-        "mean_seconds": float(np.mean([r["seconds"] for r in results]))}
