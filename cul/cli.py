@@ -188,7 +188,7 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
           out: Optional[Path] = typer.Option(None, help="Output folder (default reports/benchmark/METHOD)."),
           max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many requests."),
           train_steps: Optional[int] = typer.Option(None, min=1, help="Override the training steps per request."),
-          stride: Optional[int] = typer.Option(None, min=1, help="Evaluate on every stride-th scene."),
+          stride: Optional[int] = typer.Option(None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."),
           model: Optional[Path] = typer.Option(None, help="Starting model (default: the base model)."),
           params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
     """Run a sequence of deletion requests with one method, evaluating after every step

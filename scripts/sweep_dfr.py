@@ -23,9 +23,11 @@ from cul.unlearning.trainer import unlearn
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "dfr-recipe": ({}, {}),
     "l_unl10": ({"l_unl": 10.0}, {}),
-    "l_unl10-push1": ({"l_unl": 10.0, "push": 1.0}, {}),
-    "l_unl10-push1-nonneighbour": ({"l_unl": 10.0, "push": 1.0}, {"surrogate_neighbours": False}),
-    "l_unl30-lr5e-4-push1-nonneighbour": ({"l_unl": 30.0, "lr": 5e-4, "push": 1.0}, {"surrogate_neighbours": False}),
+    # the world's cosine schedule decides shapes above t = 600 (DFR's T_max was for SD's schedule)
+    "tmax1000-l_unl10": ({"l_unl": 10.0, "t_max": 1000}, {}),
+    "tmax1000-l_unl10-push1": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0}, {}),
+    "tmax1000-l_unl10-push1-nonneighbour": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0},
+                                            {"surrogate_neighbours": False}),
 }
 
 

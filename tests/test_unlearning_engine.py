@@ -120,3 +120,15 @@ def test_evaluation_is_exactly_reproducible(base_model, judge):
     b = evaluator(base_model, ["circle"])
     assert a["per_concept"] == b["per_concept"] and a["ua"] == b["ua"]
     assert np.isfinite(a["fd"])
+
+
+def test_strided_evaluation_keeps_every_concept_equally_often():
+    from collections import Counter
+
+    from cul.unlearning.sequence import eval_scenes
+
+    scenes = eval_scenes(4)
+    assert len(scenes) == 128
+    for field in ("object", "colour", "texture"):
+        counts = Counter(getattr(s, field) for s in scenes)
+        assert len(counts) == 8 and set(counts.values()) == {16}
