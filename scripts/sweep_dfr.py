@@ -52,7 +52,7 @@ def main() -> None:
             if (variant, concept) in keys:
                 continue
             cfg_over, spec_over = VARIANTS[variant]
-            spec = p.unlearn.method("dfr")
+            spec = p.unlearn.method("dfr_paper")  # variants are written as changes to DFR's own recipe
             spec = spec.model_copy(update={**spec_over, "unlearn": spec.unlearn.model_copy(update=cfg_over)})
             t0 = time.perf_counter()
             ps = prepare_step(base, Request(concept=concept), [], spec, seed=1)
