@@ -15,8 +15,6 @@ Every loss reads the frozen teacher (the previous model) and the student (a copy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +66,7 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator) -> torch
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 
-def ca_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int | None = None) -> torch.Tensor:
+def ca_loss(student, teacher, b: Batch, gen: torch.Generator) -> torch.Tensor:
     """Concept Ablation (model-based): anchor images, target prompt -> teacher's anchor prediction."""
     x_t, t, _ = _noised(teacher, b.x0_mapped, gen)
     with torch.no_grad():
@@ -86,17 +84,8 @@ def esd_loss(student, teacher, b: Batch, gen: torch.Generator, eta: float = 1.0)
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
 
 
-def naive_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int | None = None) -> torch.Tensor:
+def naive_loss(student, teacher, b: Batch, gen: torch.Generator) -> torch.Tensor:
     """Fine-tune toward the surrogate: surrogate images, forget prompt, true noise as target."""
     x_t, t, noise = _noised(teacher, b.x0_mapped, gen)
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), noise)
 
-
-ForgetLoss = Callable[..., torch.Tensor]
-
-METHODS: dict[str, str] = {
-    "dfr": "distillation: re-steering + generative replay + L2 to the previous weights",
-    "ca": "Concept Ablation (anchor images, target -> anchor prediction)",
-    "esd": "ESD (negative guidance away from the concept)",
-    "naive": "plain fine-tuning toward the surrogate, no retention terms",
-}

@@ -34,22 +34,30 @@ def text_path_parameters(unet: nn.Module) -> list[str]:
     return [n for n, _ in unet.named_parameters() if n.startswith(TEXT_PATH)]
 
 
-def select_parameters(unet: nn.Module, which: Trainable) -> dict[str, nn.Parameter]:
-    """Name -> parameter of the part of the UNet that trains; the rest is frozen."""
-    params = dict(unet.named_parameters())
+def trainable_names(unet: nn.Module, which: Trainable) -> list[str]:
+    """Names of the parameters that train: the whole UNet, cross-attention (and the text path),
+    or cross-attention K/V (and the text path)."""
+    names = [n for n, _ in unet.named_parameters()]
     if which == "all":
-        chosen = params
-    elif which == "xattn":
-        chosen = {n: p for n, p in params.items() if ".attn2." in n}
-        chosen.update({n: params[n] for n in text_path_parameters(unet)})
+        return names
+    if which == "xattn":
+        chosen = [n for n in names if ".attn2." in n]
     elif which == "xattn_kv":
-        chosen = {n: p for n, p in params.items() if ".attn2.to_k." in n or ".attn2.to_v." in n}
-        chosen.update({n: params[n] for n in text_path_parameters(unet)})
+        chosen = [n for n in names if ".attn2.to_k." in n or ".attn2.to_v." in n]
     else:
         raise ValueError(f"unknown trainable set {which!r}: all, xattn or xattn_kv")
-    for n, p in params.items():
+    return chosen + [n for n in text_path_parameters(unet) if n not in chosen]
+
+
+def select_parameters(unet: nn.Module, which: Trainable) -> dict[str, nn.Parameter]:
+    """Name -> parameter of the part of the UNet that trains; the rest is frozen."""
+    chosen = set(trainable_names(unet, which))
+    params = {}
+    for n, p in unet.named_parameters():
         p.requires_grad_(n in chosen)
-    return chosen
+        if n in chosen:
+            params[n] = p
+    return params
 
 
 class ParameterAnchor:

@@ -26,7 +26,7 @@ from cul.evaluation import Judgement, generate_scenes, judge_images, unlearning_
 from cul.judge import to_tensor
 from cul.unlearning.merging import ties_merge
 from cul.unlearning.prompts import PromptSet, build_prompt_set, rank_surrogates
-from cul.unlearning.regularizers import select_parameters
+from cul.unlearning.regularizers import trainable_names
 from cul.unlearning.request import Request, resolve_request
 from cul.unlearning.trainer import UnlearnConfig, unlearn
 from cul.world import CONCEPTS, World, all_scenes
@@ -192,7 +192,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
             step_dir.mkdir(parents=True, exist_ok=True)
             student.unet.save_pretrained(step_dir / "single", safe_serialization=True)
             ties_states.append(student.unet.state_dict())
-            keys = list(select_parameters(base_model.copy().unet, spec.unlearn.trainable))
+            keys = trainable_names(base_model.unet, spec.unlearn.trainable)
             merged = ties_merge(base_model.unet.state_dict(), ties_states, keys, spec.ties_k, spec.ties_lambda)
             student = base_model.copy()
             student.unet.load_state_dict(merged)

@@ -88,11 +88,11 @@ def _forget_loss(cfg: UnlearnConfig):
     if cfg.method == "dfr":
         return lambda s, t, b, g: dfr_forget_loss(s, t, b, g, cfg.t_max, cfg.push)
     if cfg.method == "ca":
-        return lambda s, t, b, g: ca_loss(s, t, b, g)
+        return ca_loss
     if cfg.method == "esd":
         return lambda s, t, b, g: esd_loss(s, t, b, g, cfg.esd_eta)
     if cfg.method == "naive":
-        return lambda s, t, b, g: naive_loss(s, t, b, g)
+        return naive_loss
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
