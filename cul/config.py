@@ -7,6 +7,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cul.gate import EscalationPolicy, GateConfig
+from cul.io.tracking import TrackingSettings
 from cul.judge import JudgeConfig
 from cul.models.diffusion import SamplingConfig, WorldUNetConfig
 from cul.pretrain import PretrainConfig
@@ -44,6 +46,36 @@ class UnlearnParams(BaseModel):
         return self.methods[name]
 
 
+class QuickProfile(BaseModel):
+    """`cul run --quick`: fewer requests, shorter training, a thinner evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(2, ge=1)
+    train_steps: int = Field(60, ge=1)
+    eval_stride: int = Field(8, ge=1)
+    max_attempts: int = Field(1, ge=1)
+
+
+class PipelineSettings(BaseModel):
+    """The flows: which method, the gate, retries, where tracking and versions go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "dfr"
+    requests_file: Path = Path("requests/queue.yaml")
+    default_requests: Path = Path("benchmarks/default-sequence.yaml")  # what `cul run` queues
+    eval_stride: int = Field(2, ge=1)
+    gate: GateConfig = GateConfig()
+    escalation: EscalationPolicy = EscalationPolicy()
+    auto_promote: bool = False  # True: an accepted step becomes champion without a person
+    tracking: TrackingSettings = TrackingSettings()
+    dvc_push: bool = True
+    git_commit: bool = True  # commit each accepted step's records (spec, lock, metrics)
+    quick: QuickProfile = QuickProfile()
+    cron: str = "0 2 * * *"  # the scheduled deployment of the continual flow
+
+
 class Params(BaseModel):
     """Everything in params.yaml. Unknown keys are an error, so typos do not pass silently."""
 
@@ -57,6 +89,7 @@ class Params(BaseModel):
     eval: EvalSpec = EvalSpec()  # seeds of every evaluation; stride applies to unlearning runs
     paths: PathsConfig = PathsConfig()
     unlearn: UnlearnParams = UnlearnParams()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml") -> "Params":

@@ -129,3 +129,27 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def before_after(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str], path: str | Path,
+                 title: str = "") -> Path:
+    """The same prompts and seeds through two models, one row per prompt: what a step changed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(prompts)
+    fig, axes = plt.subplots(n, 2, figsize=(4.0, 1.25 * n + 0.6), squeeze=False)
+    for i, p in enumerate(prompts):
+        for j, (imgs, head) in enumerate(((before, "before"), (after, "after"))):
+            ax = axes[i, j]
+            ax.imshow(to_uint8(imgs[i:i + 1])[0], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(head, fontsize=9)
+        axes[i, 0].set_ylabel(p.replace("a ", "", 1)[:28], fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

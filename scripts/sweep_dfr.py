@@ -28,6 +28,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "tmax1000-l_unl10-push1": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0}, {}),
     "tmax1000-l_unl10-push1-nonneighbour": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0},
                                             {"surrogate_neighbours": False}),
+    # image-quality (FD) follow-ups of the previous row
+    "tmax1000-l_unl10-push1-nonneighbour-lpres30": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0, "l_pres": 30.0},
+                                                    {"surrogate_neighbours": False}),
+    "tmax1000-l_unl10-push0.5-nonneighbour": ({"l_unl": 10.0, "t_max": 1000, "push": 0.5},
+                                              {"surrogate_neighbours": False}),
 }
 
 

@@ -122,8 +122,30 @@ class Evaluator:
         images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size)
         return judge_images(self.judge, images, self.scenes)
 
-    def set_base(self, base_model) -> dict:
+    def set_base(self, base_model, cache: str | Path | None = None) -> dict:
+        """Judge the base model once; with `cache`, keep its verdict in an .npz keyed by the base
+        weights, the scenes and the seed, so every later step skips that generation."""
+        key = None
+        if cache is not None:
+            import hashlib
+
+            h = hashlib.sha256(f"{self.spec.seed}:{len(self.scenes)}".encode())
+            for n, p in sorted(base_model.unet.state_dict().items()):
+                h.update(n.encode())
+                h.update(p.detach().cpu().numpy().tobytes())
+            key = h.hexdigest()
+            cache = Path(cache)
+            if cache.exists():
+                data = np.load(cache)
+                if str(data["key"]) == key:
+                    preds = {k[5:]: data[k] for k in data.files if k.startswith("pred_")}
+                    self._base = Judgement(self.scenes, preds, data["features"])
+                    return unlearning_metrics(self._base, [], self.real_features)
         self._base = self.judge_model(base_model)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, key=key, features=self._base.features,
+                     **{f"pred_{k}": v for k, v in self._base.predictions.items()})
         return unlearning_metrics(self._base, [], self.real_features)
 
     def __call__(self, model, forgotten: list[str]) -> dict:

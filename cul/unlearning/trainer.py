@@ -96,9 +96,32 @@ def _forget_loss(cfg: UnlearnConfig):
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
+def replay_sources(teacher, prompts: PromptSet, cfg: UnlearnConfig,
+                   buffers_dir: str | Path | None = None) -> dict[str, ReplayBuffer | OnlineReplay]:
+    """The teacher samples a step trains on: forget (and mapped, for CA/naive) prompts, and the
+    retain prompts when there is a replay term; generated once, or online per batch."""
+    wanted = {"forget": prompts.forget}
+    if cfg.method in ("ca", "naive"):
+        wanted["mapped"] = prompts.mapped
+    if cfg.l_pres > 0 and prompts.retain_prompts():
+        wanted["retain"] = prompts.retain_prompts()
+    sources: dict[str, ReplayBuffer | OnlineReplay] = {}
+    for i, (name, plist) in enumerate(wanted.items()):
+        seed = cfg.seed * 1_000 + i
+        if cfg.replay == "online":
+            sources[name] = OnlineReplay(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance)
+        else:
+            buf = ReplayBuffer.generate(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance, cfg.replay_copies)
+            if buffers_dir is not None:
+                buf.save(Path(buffers_dir) / name)
+            sources[name] = buf
+    return sources
+
+
 def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | Path | None = None,
-            progress: bool = False) -> StepResult:
-    """Forget `prompts.concept` starting from `teacher`; `teacher` is left untouched."""
+            progress: bool = False, buffers: dict[str, ReplayBuffer] | None = None) -> StepResult:
+    """Forget `prompts.concept` starting from `teacher`; `teacher` is left untouched. `buffers`:
+    replay buffers prepared earlier (by `replay_sources` for the same teacher and prompts)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -114,25 +137,9 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
 
     # -- replay data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    replay_images = 0
-    sources: dict[str, ReplayBuffer | OnlineReplay] = {}
-    wanted = {"forget": prompts.forget}
-    if needs_mapped:
-        wanted["mapped"] = prompts.mapped
-    if use_retain:
-        wanted["retain"] = retain_prompts
-    online = []
-    for i, (name, plist) in enumerate(wanted.items()):
-        seed = cfg.seed * 1_000 + i
-        if cfg.replay == "online":
-            sources[name] = OnlineReplay(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance)
-            online.append(sources[name])
-        else:
-            buf = ReplayBuffer.generate(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance, cfg.replay_copies)
-            replay_images += len(buf)
-            if buffers_dir is not None:
-                buf.save(Path(buffers_dir) / name)
-            sources[name] = buf
+    sources = buffers if buffers is not None else replay_sources(teacher, prompts, cfg, buffers_dir)
+    online = [s for s in sources.values() if isinstance(s, OnlineReplay)]
+    replay_images = 0 if buffers is not None else sum(len(s) for s in sources.values() if isinstance(s, ReplayBuffer))
     seconds_replay = time.perf_counter() - t0
 
     # -- add-ons ----------------------------------------------------------------------------------

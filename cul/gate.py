@@ -1,0 +1,136 @@
+"""The evaluation gate: accept a request step only if it forgot and did not collapse retention.
+
+Pure: it reads metric dicts (the output of `cul.unlearning.sequence.Evaluator`) and returns a
+`Verdict` with every check and a reason for each failure. What to do on failure (retry with a
+stronger retention recipe, then send the request to review) is the `EscalationPolicy`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cul.unlearning.trainer import UnlearnConfig
+
+RETENTION = ("ra_in", "ra_cross", "ra_neighbour")
+LABELS = {"ua": "UA", "ra_in": "RA-I", "ra_cross": "RA-C", "ra_neighbour": "RA-N", "fd_ratio": "FD ratio"}
+
+
+class GateConfig(BaseModel):
+    """Thresholds, as fractions (0.05 = 5 points)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_ua: float = Field(0.9, ge=0, le=1)
+    max_drop_in: float = Field(0.05, ge=0)  # RA-I below the base model's
+    max_drop_cross: float = Field(0.05, ge=0)
+    max_drop_neighbour: float = Field(0.10, ge=0)
+    max_drop_vs_previous: float = Field(0.05, ge=0)  # any RA below the previous accepted model's
+    max_fd_ratio: float = Field(2.5, gt=0)  # FD on clean scenes / the base model's on the same scenes
+    min_ua_earlier: float = Field(0.9, ge=0, le=1)  # every earlier forgotten concept stays forgotten
+
+
+class Check(BaseModel):
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool
+    reason: str = ""
+
+
+class Verdict(BaseModel):
+    accepted: bool
+    checks: list[Check]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.reason for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        return "accepted" if self.accepted else "rejected: " + "; ".join(self.reasons)
+
+
+def retention(per_concept: dict[str, float], forgotten: list[str]) -> dict[str, float | None]:
+    """RA-I, RA-C and RA-N from per-concept scores (as in `unlearning_metrics`), so that a
+    previous model's scores can be read against the current list of forgotten concepts."""
+    from cul.world import CONFUSABLES, concept
+
+    gone = set(forgotten)
+    kept = {n: v for n, v in per_concept.items() if n not in gone}
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    ra_in = mean([mean([v for n, v in kept.items() if concept(n).kind == concept(f).kind]) for f in forgotten])
+    ra_cross = mean([mean([v for n, v in kept.items() if concept(n).kind != concept(f).kind]) for f in forgotten])
+    neighbours = {n for f in forgotten for n in CONFUSABLES[f] if n in kept}
+    return {"ra_in": ra_in, "ra_cross": ra_cross, "ra_neighbour": mean([kept[n] for n in neighbours])}
+
+
+class Gate:
+    def __init__(self, config: GateConfig | None = None) -> None:
+        self.config = config or GateConfig()
+
+    def decide(self, metrics: dict, forgotten: list[str], previous: dict | None = None) -> Verdict:
+        """`metrics`: the candidate's evaluation (with `base`, the base model's figures on the same
+        scenes); `forgotten`: every concept the candidate must have forgotten, this request last;
+        `previous`: the previous accepted model's per-concept scores (None for the first step)."""
+        c = self.config
+        checks: list[Check] = []
+
+        def check(name: str, value: float | None, threshold: float, ok: bool, reason: str) -> None:
+            checks.append(Check(name=name, value=value, threshold=threshold, passed=ok, reason="" if ok else reason))
+
+        scores = metrics["per_concept"]
+        concept = forgotten[-1]
+        ua = 1 - scores[concept]
+        check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {ua:.1%} < {c.min_ua:.0%}")
+        for earlier in forgotten[:-1]:
+            ua_e = 1 - scores[earlier]
+            check(f"ua:{earlier}", ua_e, c.min_ua_earlier, ua_e >= c.min_ua_earlier,
+                  f"earlier forgotten {earlier} came back: UA {ua_e:.1%} < {c.min_ua_earlier:.0%}")
+        base = metrics.get("base") or {}
+        limits = {"ra_in": c.max_drop_in, "ra_cross": c.max_drop_cross, "ra_neighbour": c.max_drop_neighbour}
+        for key, limit in limits.items():
+            now, ref = metrics.get(key), base.get(key)
+            if now is None or ref is None:
+                continue
+            check(f"{key}-vs-base", now, ref - limit, now >= ref - limit,
+                  f"{LABELS[key]} {now:.1%} is more than {limit:.0%} below the base model's {ref:.1%}")
+        if previous is not None:
+            prev = retention(previous, forgotten)
+            for key in RETENTION:
+                now, ref = metrics.get(key), prev.get(key)
+                if now is None or ref is None:
+                    continue
+                limit = c.max_drop_vs_previous
+                check(f"{key}-vs-previous", now, ref - limit, now >= ref - limit,
+                      f"{LABELS[key]} {now:.1%} is more than {limit:.0%} below the previous model's {ref:.1%}")
+        fd_ratio = metrics.get("fd_ratio")
+        if fd_ratio is not None:
+            check("fd_ratio", fd_ratio, c.max_fd_ratio, fd_ratio <= c.max_fd_ratio,
+                  f"FD {fd_ratio:.2f}x the base model's > {c.max_fd_ratio:.2f}x")
+        return Verdict(accepted=all(x.passed for x in checks), checks=checks)
+
+
+class EscalationPolicy(BaseModel):
+    """How a rejected attempt is retried: retention and regularization weights multiplied, more
+    steps; attempt 0 is the configured recipe. After `max_attempts` the request goes to review."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(3, ge=1)
+    retention_factor: float = Field(2.0, ge=1)  # l_pres (replay distillation)
+    regularization_factor: float = Field(3.0, ge=1)  # l_reg, l2sp, l1sp
+    steps_factor: float = Field(1.5, ge=1)
+
+    def config_for(self, base: UnlearnConfig, attempt: int) -> UnlearnConfig:
+        if attempt < 0 or attempt >= self.max_attempts:
+            raise ValueError(f"attempt {attempt} outside 0..{self.max_attempts - 1}")
+        if attempt == 0:
+            return base
+        r, g, s = self.retention_factor ** attempt, self.regularization_factor ** attempt, self.steps_factor ** attempt
+        return base.model_copy(update={
+            "l_pres": base.l_pres * r, "l_reg": base.l_reg * g, "l2sp": base.l2sp * g, "l1sp": base.l1sp * g,
+            "steps": int(round(base.steps * s)),
+        })

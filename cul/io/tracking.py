@@ -1,0 +1,208 @@
+"""MLflow: one experiment, a run per request with a nested run per attempt, and one registered
+model whose versions are the accepted steps.
+
+The gate sets the `candidate` alias; `champion` is moved by a person (MLflow UI or
+`cul promote`), or by the flow when `pipeline.auto_promote` is on. The next step starts from
+`models:/NAME@champion`. Weights travel as safetensors artifacts inside a pyfunc model that
+generates images from prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+
+
+class TrackingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str = "sqlite:///mlflow.db"  # env MLFLOW_TRACKING_URI wins
+    experiment: str = "cul-continual-unlearning"
+    registered_model: str = "cul-world"
+    artifact_location: str | None = None  # e.g. s3://bucket/mlflow (env CUL_MLFLOW_ARTIFACTS wins)
+    system_metrics: bool = True
+
+    def resolved_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+    def resolved_artifacts(self) -> str | None:
+        return os.environ.get("CUL_MLFLOW_ARTIFACTS") or self.artifact_location
+
+
+class ChampionInfo(BaseModel):
+    version: int
+    step: str | None  # DVC step key; None for the base model
+    forgotten: list[str]
+    run_id: str | None = None
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
+        """Generates images from prompts with the step's weights: input a DataFrame with a `prompt`
+        column (and optional `seed`), output the same rows with a base64 PNG per prompt."""
+
+        def load_context(self, context):
+            from cul.models import load_model
+
+            self.model = load_model(context.artifacts["weights"])
+
+        def predict(self, context, model_input, params=None):
+            import base64
+            import io
+
+            from PIL import Image
+
+            from cul.plots import to_uint8
+
+            seed = int(model_input["seed"].iloc[0]) if "seed" in model_input else 0
+            images = to_uint8(self.model.sample(list(model_input["prompt"]), seed=seed))
+            out = model_input[["prompt"]].copy()
+            pngs = []
+            for im in images:
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="PNG")
+                pngs.append(base64.b64encode(buf.getvalue()).decode())
+            out["png_base64"] = pngs
+            return out
+
+    return WorldModelPyfunc
+
+
+class Tracker:
+    def __init__(self, settings: TrackingSettings | None = None) -> None:
+        import mlflow
+
+        self.settings = settings or TrackingSettings()
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(self.settings.resolved_uri())
+        self.client = mlflow.MlflowClient()
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.settings.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(self.settings.experiment,
+                                             artifact_location=self.settings.resolved_artifacts())
+
+    # -- runs ------------------------------------------------------------------------------------
+    # Runs are opened by id and resumed where work happens, so a Prefect task in any thread or
+    # process can log to them.
+    def open_request(self, request_id: str, concept: str, tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{request_id}-forget-{concept}",
+                                     tags={"request_id": request_id, "concept": concept, **(tags or {})})
+        return run.info.run_id
+
+    def open_attempt(self, parent_run_id: str, attempt: int, params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"attempt-{attempt}",
+                                     tags={"mlflow.parentRunId": parent_run_id, "attempt": str(attempt)})
+        from mlflow.entities import Param
+
+        self.client.log_batch(run.info.run_id, params=[Param(k, _short(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    @contextmanager
+    def resume(self, run_id: str, system_metrics: bool = False):
+        """Make `run_id` the active run (sampling CPU/memory while inside, if asked)."""
+        with self.mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics and self.settings.system_metrics):
+            yield
+
+    def close(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def log_attempt(self, run_id: str, metrics: dict, verdict, report_dir: Path) -> None:
+        """Metrics (training losses as series), the gate's checks and reasons, and the attempt's
+        evaluation files."""
+        with self.resume(run_id):
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.mlflow.log_metrics({k: float(v) for k, v in scalars.items()})
+            for word, ua in (metrics.get("paraphrase_ua") or {}).items():
+                self.mlflow.log_metric(f"paraphrase_ua.{word.replace(' ', '_')}", ua)
+            for row in metrics.get("history", []):
+                self.mlflow.log_metrics({f"train.{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.mlflow.log_metric("gate_accepted", float(verdict.accepted))
+            self.mlflow.set_tags({"gate": "accepted" if verdict.accepted else "rejected",
+                                  "gate_reasons": "; ".join(verdict.reasons)[:4900] or "-"})
+            self.mlflow.log_dict(verdict.model_dump(), "gate.json")
+            for f in sorted(Path(report_dir).glob("*")):
+                if f.is_file():
+                    self.mlflow.log_artifact(str(f), "evaluation")
+
+    # -- registry --------------------------------------------------------------------------------
+    def register(self, run_id: str, model_dir: Path, tags: dict[str, str], auto_promote: bool = False) -> int:
+        """Log the weights as a pyfunc in the (attempt) run and register a new version; tag it;
+        point `candidate` at it (and `champion`, if auto-promoting)."""
+        name = self.settings.registered_model
+        with self.resume(run_id):
+            info = self.mlflow.pyfunc.log_model(
+                name="model", python_model=_pyfunc_class()(), artifacts={"weights": str(model_dir)},
+                pip_requirements=["cul"], registered_model_name=name)
+        version = int(info.registered_model_version)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v))
+        self.client.set_registered_model_alias(name, CANDIDATE, str(version))
+        if auto_promote:
+            self.promote(version)
+        return version
+
+    def promote(self, version: int) -> None:
+        self.client.get_model_version(self.settings.registered_model, str(version))  # raises if unknown
+        self.client.set_registered_model_alias(self.settings.registered_model, CHAMPION, str(version))
+
+    def version_info(self, version: int) -> ChampionInfo:
+        mv = self.client.get_model_version(self.settings.registered_model, str(version))
+        return ChampionInfo(version=int(mv.version), step=mv.tags.get("step"),
+                            forgotten=json.loads(mv.tags.get("forgotten", "[]")), run_id=mv.run_id)
+
+    def champion(self) -> ChampionInfo | None:
+        """The version the next step starts from, or None (no registered model or no champion)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.settings.registered_model, CHAMPION)
+        except MlflowException:
+            return None
+        return self.version_info(int(mv.version))
+
+    def versions(self) -> list[dict]:
+        from mlflow.exceptions import MlflowException
+
+        name = self.settings.registered_model
+        try:
+            aliases = self.client.get_registered_model(name).aliases or {}
+        except MlflowException:
+            return []
+        by_version: dict[str, list[str]] = {}
+        for alias, v in aliases.items():
+            by_version.setdefault(str(v), []).append(alias)
+        out = []
+        for mv in self.client.search_model_versions(f"name='{name}'"):
+            out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+                        **mv.tags})
+        return sorted(out, key=lambda r: r["version"])
+
+    def fetch_weights(self, version: int, dest: Path) -> Path:
+        """The version's weights in `dest` (downloaded from the artifact store if not there)."""
+        if (dest / "cul_model.json").exists():
+            return dest
+        tmp = Path(self.mlflow.artifacts.download_artifacts(
+            f"models:/{self.settings.registered_model}/{version}"))
+        src = tmp / "artifacts" / "weights"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        return dest
+
+
+def _short(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s[:6000]

@@ -1,0 +1,73 @@
+"""DVC and git: every accepted step becomes a `step@KEY` stage whose outputs (prompts, replay
+buffer, weights) are DVC-cached and pushed, and whose spec and lock are committed to git, so
+`git checkout REV && dvc pull && dvc repro step@KEY` rebuilds it.
+
+The remote is whatever `.dvc/config` names (a local folder by default). S3: add a remote with
+`dvc remote add --local` and pass credentials through the environment (AWS_ACCESS_KEY_ID, ...):
+nothing secret is ever written to a tracked file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+class VersioningError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True) -> str:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise VersioningError(f"{' '.join(cmd[:4])} failed ({p.returncode}):\n{p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout.strip()
+
+
+class Versioner:
+    def __init__(self, root: str | Path = ".", remote: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.remote = remote or os.environ.get("CUL_DVC_REMOTE") or None
+
+    def dvc(self, *args: str, check: bool = True) -> str:
+        return _run([sys.executable, "-m", "dvc", *args], self.root, check)
+
+    def git(self, *args: str, check: bool = True) -> str:
+        return _run(["git", *args], self.root, check)
+
+    def is_repo(self) -> bool:
+        return (self.root / ".dvc").is_dir() and (self.root / ".git").exists()
+
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD", check=False) or "unknown"
+
+    def record_step(self, key: str) -> str:
+        """Write the step's outputs into dvc.lock (the step ran in the flow, not under `dvc repro`)
+        and return the md5 DVC gave the model folder."""
+        self.dvc("commit", "--force", f"step@{key}")
+        return self.output_hash(f"step@{key}", f"models/steps/{key}")
+
+    def output_hash(self, stage: str, path: str) -> str:
+        lock = yaml.safe_load((self.root / "dvc.lock").read_text())
+        for out in lock["stages"][stage].get("outs", []):
+            if out["path"] == path:
+                return out["md5"]
+        raise VersioningError(f"{path} is not an output of {stage} in dvc.lock")
+
+    def push(self, *targets: str) -> None:
+        self.dvc("push", *(["--remote", self.remote] if self.remote else []), *targets)
+
+    def commit(self, message: str, paths: list[str]) -> str:
+        """Commit the step's records to git; returns the new revision (the step's DVC revision)."""
+        present = [p for p in paths if (self.root / p).exists()]
+        self.git("add", "--", *present)
+        if not self.git("diff", "--cached", "--name-only"):
+            return self.head()
+        self.git("-c", "user.name=cul-pipeline", "-c", "user.email=cul-pipeline@localhost",
+                 "commit", "-q", "--no-verify", "-m", message)
+        return self.head()

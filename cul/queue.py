@@ -1,0 +1,115 @@
+"""The request queue: deletion requests as they arrive, with who asked, when, why, and what became
+of each (pending -> in progress -> accepted as model version N, or sent to review).
+
+One YAML file (`requests/queue.yaml`, tracked by git so its history is the audit trail of the
+queue itself). Writes are atomic (temp file + rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import tempfile
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cul.unlearning.request import Request, RequestError, resolve_request
+
+
+class State(str, Enum):
+    pending = "pending"
+    in_progress = "in_progress"
+    accepted = "accepted"
+    review = "review"  # rejected by the gate after every attempt; a person decides
+
+
+class QueuedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    concept: str
+    kind: str
+    note: str = ""
+    by: str = ""
+    at: str = ""
+    state: State = State.pending
+    version: int | None = None  # registered model version once accepted
+    step: str | None = None  # DVC step key (models/steps/KEY)
+    reasons: list[str] = Field(default_factory=list)  # the gate's, when sent to review
+    updated: str = ""
+
+    def request(self) -> Request:
+        return Request(concept=self.concept, kind=self.kind, id=self.id, note=self.note)
+
+    def describe(self) -> str:
+        if self.state == State.accepted:
+            return f"accepted as model version {self.version}"
+        if self.state == State.review:
+            return "rejected, waiting for review"
+        return self.state.value.replace("_", " ")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RequestQueue:
+    def __init__(self, path: str | Path = "requests/queue.yaml") -> None:
+        self.path = Path(path)
+
+    def items(self) -> list[QueuedRequest]:
+        if not self.path.exists():
+            return []
+        data = yaml.safe_load(self.path.read_text()) or {}
+        return [QueuedRequest(**r) for r in data.get("requests", [])]
+
+    def _write(self, items: list[QueuedRequest]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump({"requests": [r.model_dump(mode="json") for r in items]}, sort_keys=False)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".queue-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+
+    def get(self, request_id: str) -> QueuedRequest:
+        for r in self.items():
+            if r.id == request_id:
+                return r
+        raise KeyError(f"no request {request_id!r} in {self.path}")
+
+    def pending(self) -> list[QueuedRequest]:
+        return [r for r in self.items() if r.state in (State.pending, State.in_progress)]
+
+    def add(self, concept: str, kind: str | None = None, note: str = "", by: str | None = None) -> QueuedRequest:
+        """Validate against the vocabulary and the queue; refuse duplicates with a clear message."""
+        items = self.items()
+        done = [r.concept for r in items if r.state == State.accepted]
+        resolved = resolve_request(Request(concept=concept, kind=kind), forgotten=done)
+        for r in items:
+            if r.concept == resolved.concept and r.state in (State.pending, State.in_progress, State.review):
+                raise RequestError(f"{resolved.concept!r} is already requested ({r.id}, {r.describe()})")
+        number = max((int(r.id[1:]) for r in items if r.id[1:].isdigit()), default=0) + 1
+        item = QueuedRequest(id=f"r{number:03d}", concept=resolved.concept, kind=resolved.kind.value, note=note,
+                             by=by or _user(), at=_now(), updated=_now())
+        self._write(items + [item])
+        return item
+
+    def update(self, request_id: str, **changes) -> QueuedRequest:
+        items = self.items()
+        for i, r in enumerate(items):
+            if r.id == request_id:
+                items[i] = r.model_copy(update={**changes, "updated": _now()})
+                self._write(items)
+                return items[i]
+        raise KeyError(f"no request {request_id!r} in {self.path}")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
