@@ -168,18 +168,169 @@ def print_metrics(metrics: dict) -> None:
     console.print(f"FD to real images (judge features): {metrics['fd']:.3f} (real-vs-real floor {metrics['real_fd_floor']:.3f})")
 
 
-@app.command()
-def run(params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
-    """The main job on the embedded defaults: world data, base model and judge (trained only if
-    missing), then the base model's evaluation report."""
-    p = _params(params)
+def _embedded_prefect() -> None:
+    """Embedded defaults: with no PREFECT_API_URL a flow starts a temporary local server; keep
+    its database in the project, offline, with a startup timeout that fits a slow laptop."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _ensure_base(p: Params, params: Path, quiet: bool) -> None:
     world(params, None)
     if not (p.paths.base_model / "unet").exists():
         console.print("no committed base model: pretraining (hours on two CPU cores)")
         pretrain(params, None, None, quiet)
     if not (p.paths.judge / "judge.safetensors").exists():
         judge(params, None, quiet)
-    evaluate(params, None, None, None, quiet)
+    if not (p.paths.reports / "base" / "metrics.json").exists():
+        evaluate(params, None, None, None, quiet)
+
+
+@app.command()
+def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of params.yaml (2 short requests)."),
+        limit: Optional[int] = typer.Option(None, min=1, help="Process at most this many pending requests."),
+        params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+    """The main job: queue the default requests (if the queue is empty), then run the continual
+    flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
+    remote of .dvc/config) and print what happened and where to look."""
+    from cul.queue import RequestQueue
+    from cul.unlearning.sequence import load_sequence
+
+    p = _params(params)
+    _ensure_base(p, params, quiet)
+    queue = RequestQueue(p.pipeline.requests_file)
+    if not queue.items():
+        todo = load_sequence(p.pipeline.default_requests)
+        todo = todo[: p.pipeline.quick.requests] if quick else todo
+        for r in todo:
+            queue.add(r.concept, r.kind, note=f"default request from {p.pipeline.default_requests}", by="cul run")
+        console.print(f"queued {len(todo)} default requests from {p.pipeline.default_requests}")
+    pending = queue.pending()
+    if quick:
+        limit = limit or p.pipeline.quick.requests
+    if not pending:
+        console.print("no pending requests; add one with `cul request add CONCEPT`")
+        return
+    _embedded_prefect()
+    from flows.continual import continual_flow
+
+    t0 = time.perf_counter()
+    results = continual_flow(str(params), quick=quick, limit=limit)
+    _print_steps(results, time.perf_counter() - t0, p)
+
+
+def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
+    t = Table(title=f"continual flow: {len(results)} request(s) in {seconds / 60:.1f} min")
+    for col in ("request", "outcome", "UA", "RA-I", "RA-C", "RA-N", "FDx", "step s", "total s", "overhead"):
+        t.add_column(col, no_wrap=True)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}"
+
+    for r in results:
+        outcome = ("no-op" if r.get("noop") else f"v{r['version']} ({r['step']})" if r["accepted"] else "review")
+        t.add_row(r["request"], outcome, pct(r.get("ua")), pct(r.get("ra_in")), pct(r.get("ra_cross")),
+                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-",
+                  f"{r['seconds_step']:.0f}" if r.get("seconds_step") else "-", f"{r.get('seconds_total', 0):.0f}",
+                  f"{100 * r['overhead']:.0f}%" if r.get("overhead") is not None else "-")
+    console.print(t)
+    for r in results:
+        if not r["accepted"]:
+            console.print(f"[yellow]{r['request']} sent to review[/yellow] (champion unchanged): "
+                          + "; ".join(r["reasons"]))
+    uri = p.pipeline.tracking.resolved_uri()
+    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}  -> Models -> {p.pipeline.tracking.registered_model}"
+                  " (move `champion` there, or `cul promote VERSION`)")
+    console.print("Records:    reports/audit/*.md (deletion records), reports/steps/*/ (metrics, before/after),"
+                  " `cul request list`, `cul versions`")
+    console.print("Reproduce:  dvc pull && dvc repro step@KEY")
+
+
+request_app = typer.Typer(help="The deletion-request queue.", no_args_is_help=True)
+app.add_typer(request_app, name="request")
+
+
+@request_app.command("add")
+def request_add(concept: str, kind: Optional[str] = typer.Option(None, help="object, colour or texture."),
+                note: str = typer.Option("", help="Why (ticket, legal basis...)."),
+                by: Optional[str] = typer.Option(None, help="Who asks (default: your user name)."),
+                params: Path = ParamsOpt) -> None:
+    """Queue a deletion request (refused with a reason if invalid or a duplicate)."""
+    from cul.queue import RequestQueue
+    from cul.unlearning.request import RequestError
+
+    p = _params(params)
+    try:
+        item = RequestQueue(p.pipeline.requests_file).add(concept, kind, note, by)
+    except RequestError as e:
+        console.print(f"[red]refused:[/red] {e}")
+        raise typer.Exit(1) from e
+    console.print(f"queued {item.id}: forget {item.concept} ({item.kind})")
+
+
+@request_app.command("list")
+def request_list(params: Path = ParamsOpt) -> None:
+    """Every request with its state."""
+    from cul.queue import RequestQueue
+
+    p = _params(params)
+    t = Table(title=str(p.pipeline.requests_file))
+    for col in ("id", "concept", "kind", "state", "by", "at", "note"):
+        t.add_column(col)
+    for r in RequestQueue(p.pipeline.requests_file).items():
+        state = r.describe() + (f" ({'; '.join(r.reasons)[:80]})" if r.reasons else "")
+        t.add_row(r.id, r.concept, r.kind, state, r.by, r.at, r.note)
+    console.print(t)
+
+
+@app.command()
+def step(key: str, params: Path = ParamsOpt, quiet: bool = typer.Option(True, help="No progress bars.")) -> None:
+    """Run one accepted request step from requests/steps.yaml (what `dvc repro step@KEY` calls)."""
+    from cul.step import load_steps, run_step
+
+    steps = load_steps()
+    if key not in steps:
+        raise typer.BadParameter(f"no step {key!r} in requests/steps.yaml (known: {', '.join(steps) or 'none'})")
+    run_step(steps[key], _params(params), progress=not quiet, log=console.print)
+
+
+@app.command()
+def promote(version: int, params: Path = ParamsOpt) -> None:
+    """Point the `champion` alias at VERSION (what a person does in the MLflow UI)."""
+    from cul.io.tracking import Tracker
+
+    tracker = Tracker(_params(params).pipeline.tracking)
+    tracker.promote(version)
+    console.print(f"champion -> version {version}")
+
+
+@app.command()
+def versions(params: Path = ParamsOpt) -> None:
+    """Registered model versions with their aliases and tags."""
+    from cul.io.tracking import Tracker
+
+    t = Table(title="registered versions")
+    for col in ("version", "aliases", "request", "concept", "forgotten", "step", "dvc_rev"):
+        t.add_column(col)
+    for v in Tracker(_params(params).pipeline.tracking).versions():
+        t.add_row(str(v["version"]), ",".join(v["aliases"]), v.get("request_id", ""), v.get("concept", ""),
+                  v.get("forgotten", ""), v.get("step", ""), v.get("dvc_rev", "")[:10])
+    console.print(t)
+
+
+@app.command()
+def serve(params: Path = ParamsOpt, quick: bool = typer.Option(False, "--quick")) -> None:
+    """Serve the continual flow as a deployment on the cron schedule of params.yaml (needs a
+    Prefect server: `prefect server start`, and PREFECT_API_URL pointing at it)."""
+    from flows.continual import continual_flow
+
+    p = _params(params)
+    continual_flow.serve(name="scheduled", cron=p.pipeline.cron,
+                         parameters={"params_path": str(params), "quick": quick})
 
 
 @app.command()

@@ -66,10 +66,10 @@ def judge_images(judge: Judge, images: torch.Tensor, scenes: list[Scene]) -> Jud
 
 
 def generate_scenes(model: DiffusionModel, scenes: list[Scene], seed: int, batch_size: int = 128,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, steps: int | None = None) -> torch.Tensor:
     """One image per scene, prompted with its canonical caption."""
     prompts = [caption(s.object, s.colour, s.texture) for s in scenes]
-    return model.sample(prompts, seed=seed, batch_size=batch_size, progress=progress)
+    return model.sample(prompts, seed=seed, batch_size=batch_size, progress=progress, steps=steps)
 
 
 def evaluate_model(model: DiffusionModel, judge: Judge, real: torch.Tensor, seed: int, batch_size: int = 128,

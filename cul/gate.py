@@ -83,9 +83,13 @@ class Gate:
 
         scores = metrics["per_concept"]
         concept = forgotten[-1]
-        ua = 1 - scores[concept]
-        check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {ua:.1%} < {c.min_ua:.0%}")
-        for earlier in forgotten[:-1]:
+        for name in forgotten:  # no images of a concept: nothing shows it was forgotten, so refuse
+            if name not in scores:
+                check(f"ua:{name}", None, c.min_ua, False, f"the evaluation has no images of {name}")
+        if concept in scores:
+            ua = 1 - scores[concept]
+            check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {ua:.1%} < {c.min_ua:.0%}")
+        for earlier in [f for f in forgotten[:-1] if f in scores]:
             ua_e = 1 - scores[earlier]
             check(f"ua:{earlier}", ua_e, c.min_ua_earlier, ua_e >= c.min_ua_earlier,
                   f"earlier forgotten {earlier} came back: UA {ua_e:.1%} < {c.min_ua_earlier:.0%}")

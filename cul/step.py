@@ -94,7 +94,8 @@ def evidence_prompts(concept_name: str, forgotten: list[str]) -> list[str]:
     return out
 
 
-def paraphrase_ua(model, judge, concept_name: str, forgotten: list[str], seed: int) -> dict[str, float]:
+def paraphrase_ua(model, judge, concept_name: str, forgotten: list[str], seed: int, n_scenes: int = 16,
+                  steps: int | None = None) -> dict[str, float]:
     """UA when the concept is named by each of its other words (training synonyms and held-out
     paraphrases): erasing the name alone is not erasing the concept."""
     from cul.evaluation import judge_images
@@ -104,7 +105,7 @@ def paraphrase_ua(model, judge, concept_name: str, forgotten: list[str], seed: i
     kinds = list(Kind)
     others = {k: [x.name for x in CONCEPTS[k] if x.name not in forgotten or k == c.kind] for k in kinds}
     scenes = []
-    for i in range(16):
+    for i in range(n_scenes):
         names = {k: others[k][(i * (j + 3)) % len(others[k])] for j, k in enumerate(kinds)}
         names[c.kind] = c.name
         scenes.append(Scene(names[kinds[0]], names[kinds[1]], names[kinds[2]]))
@@ -115,7 +116,7 @@ def paraphrase_ua(model, judge, concept_name: str, forgotten: list[str], seed: i
             parts = {"object": s.object, "colour": s.colour, "texture": s.texture}
             parts[c.kind.value] = word
             prompts.append(caption(parts["object"], parts["colour"], parts["texture"]))
-        images = model.sample(prompts, seed=seed + w)
+        images = model.sample(prompts, seed=seed + w, steps=steps)
         verdict = judge_images(judge, images, scenes)
         out[word] = 1.0 - float(verdict.correct(c.kind.value).mean())
     return out
@@ -179,10 +180,11 @@ def train_and_evaluate(spec: StepSpec, params: Params, data_dir: Path | None = N
     evaluator.set_base(base, cache=params.paths.reports / "base" / f"eval-stride{spec.eval.stride}.npz")
     forgotten = spec.forgotten + [ps.concept]
     m = evaluator(result.student, forgotten)
-    paraphrases = paraphrase_ua(result.student, judge, ps.concept, spec.forgotten, spec.eval.seed)
+    paraphrases = paraphrase_ua(result.student, judge, ps.concept, spec.forgotten, spec.eval.seed,
+                                spec.eval.paraphrase_scenes, spec.eval.steps)
     prompts = evidence_prompts(ps.concept, spec.forgotten)
-    before = parent.sample(prompts, seed=spec.eval.seed)
-    after = result.student.sample(prompts, seed=spec.eval.seed)
+    before = parent.sample(prompts, seed=spec.eval.seed, steps=spec.eval.steps)
+    after = result.student.sample(prompts, seed=spec.eval.seed, steps=spec.eval.steps)
     out_report.mkdir(parents=True, exist_ok=True)
     before_after(before, after, prompts, out_report / "samples.png", f"{spec.key}: forget {ps.concept}")
     metrics = {

@@ -235,6 +235,9 @@ def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit:
         t0 = time.perf_counter()
         out = request_flow(item.id, params_path, quick)
         out["seconds_total"] = round(time.perf_counter() - t0, 1)
+        if out.get("seconds_step") is not None:  # orchestration = everything but replay, training, evaluation
+            compute = out["seconds_step"] + out["seconds_eval"]
+            out["overhead"] = round((out["seconds_total"] - compute) / compute, 3)
         results.append(out)
     if results:
         create_table_artifact([{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in results],

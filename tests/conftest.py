@@ -60,3 +60,12 @@ def judge():
     from cul.judge import Judge
 
     return Judge.from_pretrained(ROOT / "models" / "judge")
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """Real Prefect, MLflow and S3 (moto) servers on loopback, shared by the pipeline tests."""
+    from servers import stack
+
+    with stack(tmp_path_factory.mktemp("servers")) as env:
+        yield env

@@ -44,40 +44,6 @@ class ChampionInfo(BaseModel):
     run_id: str | None = None
 
 
-def _pyfunc_class():
-    import mlflow.pyfunc
-
-    class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
-        """Generates images from prompts with the step's weights: input a DataFrame with a `prompt`
-        column (and optional `seed`), output the same rows with a base64 PNG per prompt."""
-
-        def load_context(self, context):
-            from cul.models import load_model
-
-            self.model = load_model(context.artifacts["weights"])
-
-        def predict(self, context, model_input, params=None):
-            import base64
-            import io
-
-            from PIL import Image
-
-            from cul.plots import to_uint8
-
-            seed = int(model_input["seed"].iloc[0]) if "seed" in model_input else 0
-            images = to_uint8(self.model.sample(list(model_input["prompt"]), seed=seed))
-            out = model_input[["prompt"]].copy()
-            pngs = []
-            for im in images:
-                buf = io.BytesIO()
-                Image.fromarray(im).save(buf, format="PNG")
-                pngs.append(base64.b64encode(buf.getvalue()).decode())
-            out["png_base64"] = pngs
-            return out
-
-    return WorldModelPyfunc
-
-
 class Tracker:
     def __init__(self, settings: TrackingSettings | None = None) -> None:
         import mlflow
@@ -145,8 +111,8 @@ class Tracker:
         name = self.settings.registered_model
         with self.resume(run_id):
             info = self.mlflow.pyfunc.log_model(
-                name="model", python_model=_pyfunc_class()(), artifacts={"weights": str(model_dir)},
-                pip_requirements=["cul"], registered_model_name=name)
+                name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"weights": str(model_dir)}, pip_requirements=["cul"], registered_model_name=name)
         version = int(info.registered_model_version)
         for k, v in tags.items():
             self.client.set_model_version_tag(name, str(version), k, str(v))

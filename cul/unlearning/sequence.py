@@ -65,6 +65,8 @@ class EvalSpec(BaseModel):
     seed: int = 1234
     stride: int = Field(1, ge=1)  # evaluate on about 1/stride of the 512 scenes (see eval_scenes)
     batch_size: int = 128
+    steps: int | None = Field(None, ge=1)  # DDIM steps of evaluation sampling (None: the model's own)
+    paraphrase_scenes: int = Field(16, ge=1)  # scenes per paraphrase in a step's paraphrase UA
 
 
 def load_sequence(path: str | Path) -> list[Request]:
@@ -119,7 +121,7 @@ class Evaluator:
         self._base: Judgement | None = None
 
     def judge_model(self, model) -> Judgement:
-        images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size)
+        images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size, steps=self.spec.steps)
         return judge_images(self.judge, images, self.scenes)
 
     def set_base(self, base_model, cache: str | Path | None = None) -> dict:
@@ -129,7 +131,7 @@ class Evaluator:
         if cache is not None:
             import hashlib
 
-            h = hashlib.sha256(f"{self.spec.seed}:{len(self.scenes)}".encode())
+            h = hashlib.sha256(f"{self.spec.seed}:{len(self.scenes)}:{self.spec.steps}".encode())
             for n, p in sorted(base_model.unet.state_dict().items()):
                 h.update(n.encode())
                 h.update(p.detach().cpu().numpy().tobytes())
