@@ -4,6 +4,7 @@ worker, as a cron-fired run would be: the worker picks the flow run up and proce
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -46,7 +47,9 @@ def test_scheduled_deployment_runs_once_through_a_worker(servers, tmp_path):
     listing = _prefect(project, servers, "deployment", "ls")
     assert "scheduled" in listing
     out = _prefect(project, servers, "deployment", "run", "cul-continual/scheduled")
-    name = next(line.split("'")[1] for line in out.splitlines() if "Flow run" in line and "'" in line)
+    found = re.search(r"flow run '([^']+)'", out, re.IGNORECASE)
+    assert found, out
+    name = found.group(1)
     _prefect(project, servers, "worker", "start", "--pool", "cul-local", "--run-once", timeout=900)
     assert _flow_run_state(servers, name) == "COMPLETED"
     queue = yaml.safe_load((project / "requests/queue.yaml").read_text())["requests"]
