@@ -2,7 +2,7 @@
 
 Two quick requests through the continual flow, with the DVC remote and MLflow artifacts in S3;
 an impossible gate that must leave the champion alone; a person moving `champion` back to
-version 1; and `dvc repro` of a step in a fresh clone that gives the recorded metrics back.
+version 1 in the MLflow UI (a real browser); and `dvc repro` of a step in a fresh clone that gives the recorded metrics back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline_helpers import copy_project, tiny_params
+from browser import require_chromium, set_alias_in_ui
 from servers import cul, s3_keys, use_s3_remote
 
 pytestmark = pytest.mark.slow
@@ -95,9 +96,11 @@ def test_impossible_gate_rejects_and_keeps_champion(project, servers):
     assert runs, "the rejected attempt must be an MLflow run too"
 
 
-def test_next_run_starts_from_the_champion_a_person_chose(project, servers):
+def test_next_run_starts_from_the_champion_a_person_chose_in_the_mlflow_ui(project, servers, tmp_path):
+    require_chromium()
     _set_gate(project)
-    _client(servers).set_registered_model_alias(MODEL, "champion", "1")  # what a person does in the UI
+    set_alias_in_ui(servers["MLFLOW_TRACKING_URI"], MODEL, 1, "champion", screenshot=tmp_path / "ui.png")
+    assert _client(servers).get_registered_model(MODEL).aliases["champion"] == "1"
     cul(project, servers, "request", "add", "dotted")
     cul(project, servers, "run", "--quiet")
     v3 = _client(servers).get_model_version(MODEL, "3")

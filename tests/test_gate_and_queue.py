@@ -1,0 +1,151 @@
+"""The pipeline's pure parts: the evaluation gate, the escalation policy, the request queue, step
+specs and deletion records. No servers, no models: each runs in milliseconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cul.gate import EscalationPolicy, Gate, GateConfig, retention
+from cul.queue import RequestQueue, State
+from cul.step import StepSpec, load_steps, next_key, save_step
+from cul.unlearning.request import AlreadyForgotten, Request, RequestError
+from cul.unlearning.trainer import UnlearnConfig
+from cul.world import CONCEPTS
+
+ALL = [c.name for kind in CONCEPTS.values() for c in kind]
+
+
+def metrics_for(scores: dict[str, float], forgotten: list[str], fd_ratio: float = 1.0,
+                base_scores: dict[str, float] | None = None) -> dict:
+    """A candidate's evaluation, built the way the evaluator reports it: per-concept scores, the
+    retention figures derived from them, and the base model's figures on the same scenes."""
+    per_concept = {n: 1.0 for n in ALL} | scores
+    base = retention(base_scores or {n: 1.0 for n in ALL}, forgotten)
+    return {"per_concept": per_concept, **retention(per_concept, forgotten), "fd_ratio": fd_ratio,
+            "ua": 1 - per_concept[forgotten[-1]], "base": base}
+
+
+def test_gate_accepts_a_clean_step():
+    v = Gate().decide(metrics_for({"red": 0.0}, ["red"]), ["red"])
+    assert v.accepted and v.reasons == []
+    assert {c.name for c in v.checks} >= {"ua", "ra_in-vs-base", "ra_cross-vs-base", "ra_neighbour-vs-base",
+                                           "fd_ratio"}
+
+
+def test_gate_rejects_weak_forgetting_with_a_reason():
+    v = Gate(GateConfig(min_ua=0.95)).decide(metrics_for({"red": 0.2}, ["red"]), ["red"])
+    assert not v.accepted
+    assert v.reasons == ["UA on red 80.0% < 95%"]
+
+
+def test_gate_rejects_neighbour_collapse_but_tolerates_a_small_drop():
+    ok = Gate().decide(metrics_for({"red": 0.0, "orange": 0.85, "pink": 1.0}, ["red"]), ["red"])
+    assert ok.accepted  # RA-N 92.5%: within 10 points of the base model
+    bad = Gate().decide(metrics_for({"red": 0.0, "orange": 0.3, "pink": 0.6}, ["red"]), ["red"])
+    assert not bad.accepted
+    assert any(r.startswith("RA-N") for r in bad.reasons)
+
+
+def test_gate_rejects_an_earlier_concept_coming_back():
+    v = Gate().decide(metrics_for({"red": 0.0, "circle": 0.5}, ["circle", "red"]), ["circle", "red"])
+    assert not v.accepted
+    assert any("circle came back" in r for r in v.reasons)
+
+
+def test_gate_refuses_when_the_evaluation_never_showed_the_concept():
+    m = metrics_for({"red": 0.0}, ["red"])
+    del m["per_concept"]["red"]
+    v = Gate().decide(m, ["red"])
+    assert not v.accepted and "no images of red" in v.reasons[0]
+
+
+def test_gate_compares_with_the_previous_accepted_model():
+    previous = {n: 1.0 for n in ALL} | {"circle": 0.0}
+    now = metrics_for({n: 0.9 for n in ALL} | {"circle": 0.0, "red": 0.0}, ["circle", "red"],
+                      base_scores={n: 0.9 for n in ALL})
+    # within 5 points of the base model (90%) but 10 points below the previous model (100%)
+    v = Gate().decide(now, ["circle", "red"], previous)
+    assert not v.accepted
+    assert any("previous model" in r for r in v.reasons)
+    assert Gate().decide(now, ["circle", "red"], None).accepted
+
+
+def test_gate_rejects_image_quality_loss():
+    v = Gate(GateConfig(max_fd_ratio=1.5)).decide(metrics_for({"red": 0.0}, ["red"], fd_ratio=2.0), ["red"])
+    assert v.reasons == ["FD 2.00x the base model's > 1.50x"]
+
+
+def test_escalation_strengthens_retention_and_stops_at_the_limit():
+    policy = EscalationPolicy(max_attempts=3, retention_factor=2, regularization_factor=3, steps_factor=1.5)
+    base = UnlearnConfig(l_pres=10, l_reg=1e-4, l2sp=100, steps=100)
+    assert policy.config_for(base, 0) == base
+    second = policy.config_for(base, 2)
+    assert (second.l_pres, second.l_reg, second.l2sp, second.steps) == (40, pytest.approx(9e-4), 900, 225)
+    assert second.lr == base.lr and second.method == base.method
+    with pytest.raises(ValueError, match="outside"):
+        policy.config_for(base, 3)
+
+
+def test_queue_adds_validates_and_refuses_duplicates(tmp_path):
+    q = RequestQueue(tmp_path / "queue.yaml")
+    first = q.add("red", "colour", note="ticket 7", by="legal")
+    assert (first.id, first.concept, first.kind, first.state) == ("r001", "red", "colour", State.pending)
+    with pytest.raises(RequestError, match="already requested"):
+        q.add("red")
+    with pytest.raises(RequestError, match="unknown concept"):
+        q.add("pikachu")
+    with pytest.raises(RequestError, match="not a"):
+        q.add("circle", "colour")
+    with pytest.raises(ValueError, match="empty"):
+        q.add("  ")
+    assert [r.id for r in q.items()] == ["r001"]  # refused requests leave no trace
+
+
+def test_queue_states_survive_a_reload_and_an_accepted_concept_cannot_come_again(tmp_path):
+    path = tmp_path / "queue.yaml"
+    q = RequestQueue(path)
+    q.add("red")
+    q.add("circle")
+    q.update("r001", state=State.accepted, version=1, step="s01")
+    q.update("r002", state=State.review, reasons=["UA on circle 40.0% < 90%"])
+    again = RequestQueue(path)
+    assert [r.describe() for r in again.items()] == ["accepted as model version 1", "rejected, waiting for review"]
+    assert again.pending() == []
+    with pytest.raises(AlreadyForgotten):
+        again.add("red")
+    assert not list(tmp_path.glob(".queue-*"))  # atomic writes leave no temp files
+
+
+def test_step_specs_round_trip_through_the_dvc_params_file(tmp_path):
+    path = tmp_path / "steps.yaml"
+    assert load_steps(path) == {} and next_key([]) == "s01"
+    spec = StepSpec(key="s01", request=Request(concept="red", kind="colour", id="r001"), parent="models/base")
+    save_step(spec, path)
+    save_step(spec.model_copy(update={"key": "s02", "parent": "models/steps/s01", "forgotten": ["red"],
+                                      "request": Request(concept="circle", id="r002")}), path)
+    loaded = load_steps(path)
+    assert loaded["s01"] == spec and loaded["s02"].forgotten == ["red"]
+    assert next_key(list(loaded)) == "s03"
+    assert yaml.safe_load(path.read_text())["steps"]["s02"]["parent"] == "models/steps/s01"
+
+
+def test_deletion_record_links_request_version_and_evidence(tmp_path):
+    from cul.audit import write_deletion_record
+
+    q = RequestQueue(tmp_path / "queue.yaml")
+    item = q.add("red", note="GDPR art. 17", by="dpo")
+    spec = StepSpec(key="s02", request=item.request(), parent="models/steps/s01", parent_version=1,
+                    forgotten=["circle"])
+    m = metrics_for({"red": 0.0, "circle": 0.0}, ["circle", "red"]) | {
+        "forgotten": ["circle", "red"], "paraphrase_ua": {"scarlet": 1.0}}
+    verdict = Gate().decide(m, ["circle", "red"])
+    md = write_deletion_record(item, spec, m, verdict, 2, "cul-world", {"dvc_md5": "abc.dir", "git_commit": "f00"},
+                               out=tmp_path / "audit")
+    record = json.loads((tmp_path / "audit" / "r001.json").read_text())
+    assert record["model"]["uri"] == "models:/cul-world/2" and record["model"]["dvc_stage"] == "step@s02"
+    assert record["evidence"]["earlier_forgotten_ua"] == {"circle": 1.0}
+    text = md.read_text()
+    assert "GDPR art. 17" in text and "UA when named `scarlet`" in text and "dvc repro step@s02" in text
