@@ -193,6 +193,7 @@ def _ensure_base(p: Params, params: Path, quiet: bool) -> None:
 @app.command()
 def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of params.yaml (2 short requests)."),
         limit: Optional[int] = typer.Option(None, min=1, help="Process at most this many pending requests."),
+        summary: Optional[Path] = typer.Option(None, help="Also write the table of steps as JSON here."),
         params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
     """The main job: queue the default requests (if the queue is empty), then run the continual
     flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
@@ -220,7 +221,11 @@ def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of 
 
     t0 = time.perf_counter()
     results = continual_flow(str(params), quick=quick, limit=limit)
-    _print_steps(results, time.perf_counter() - t0, p)
+    seconds = time.perf_counter() - t0
+    _print_steps(results, seconds, p)
+    if summary:
+        _write_json(summary, {"profile": "quick" if quick else "default", "seconds_flow": round(seconds, 1),
+                              "steps": results})
 
 
 def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
