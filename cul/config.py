@@ -52,7 +52,7 @@ class QuickProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests: int = Field(2, ge=1)
-    train_steps: int = Field(60, ge=1)
+    train_steps: int | None = Field(None, ge=1)  # None: the method's own steps
     eval_stride: int = Field(8, ge=1)
     max_attempts: int = Field(1, ge=1)
 
@@ -90,6 +90,19 @@ class Params(BaseModel):
     paths: PathsConfig = PathsConfig()
     unlearn: UnlearnParams = UnlearnParams()
     pipeline: PipelineSettings = PipelineSettings()
+
+    def quick_profile(self) -> "Params":
+        """These settings with `pipeline.quick` applied (`cul run --quick`): the pipeline's method
+        with the quick profile's training steps (if set), a thinner evaluation, fewer attempts."""
+        q, pl = self.pipeline.quick, self.pipeline
+        spec = self.unlearn.method(pl.method)
+        if q.train_steps is not None:
+            spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": q.train_steps})})
+        unlearn = self.unlearn.model_copy(update={"methods": {**self.unlearn.methods, pl.method: spec}})
+        pipeline = pl.model_copy(update={
+            "eval_stride": q.eval_stride,
+            "escalation": pl.escalation.model_copy(update={"max_attempts": q.max_attempts})})
+        return self.model_copy(update={"unlearn": unlearn, "pipeline": pipeline})
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml") -> "Params":

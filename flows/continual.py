@@ -32,16 +32,7 @@ PIPELINE_OUTPUTS = ("requests", "dvc.lock", "reports/steps", "reports/audit")
 def load_params(params_path: str, quick: bool) -> Params:
     """params.yaml, with the quick profile applied when asked."""
     p = Params.load(params_path)
-    if not quick:
-        return p
-    q = p.pipeline.quick
-    spec = p.unlearn.method(p.pipeline.method)
-    spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": q.train_steps})})
-    methods = {**p.unlearn.methods, p.pipeline.method: spec}
-    pipeline = p.pipeline.model_copy(update={
-        "eval_stride": q.eval_stride,
-        "escalation": p.pipeline.escalation.model_copy(update={"max_attempts": q.max_attempts})})
-    return p.model_copy(update={"unlearn": p.unlearn.model_copy(update={"methods": methods}), "pipeline": pipeline})
+    return p.quick_profile() if quick else p
 
 
 # -- data preparation ---------------------------------------------------------------------------
@@ -198,7 +189,8 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
         tracker.mlflow.MlflowClient().set_tag(run_id, "outcome", "review")
         tracker.close(run_id, ok=True)
         logger.warning(f"{request_id}: rejected after {len(rows)} attempt(s); champion unchanged")
-        return {"request": request_id, "accepted": False, "reasons": v.reasons, "attempts": len(rows)}
+        return {"request": request_id, "accepted": False, "reasons": v.reasons, "attempts": len(rows),
+                **_step_figures(metrics)}
 
     message = f"cul: {request_id} forget {item.concept} -> step {key}"
     version_json = spec.model_dump_json()
@@ -217,15 +209,14 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
     tracker.close(run_id)
     create_markdown_artifact(Path(record).read_text(), key=f"{request_id}-deletion-record",
                              description=f"deletion record of {request_id}")
-    return {"request": request_id, "accepted": True, "version": version, "step": key, **dvc,
-            "ua": metrics["ua"], "ra_in": metrics["ra_in"], "ra_cross": metrics["ra_cross"],
-            "ra_neighbour": metrics["ra_neighbour"], "fd_ratio": metrics.get("fd_ratio"),
-            "seconds_step": metrics["seconds_step"], "seconds_eval": metrics["seconds_eval"]}
+    return {"request": request_id, "accepted": True, "version": version, "step": key, **dvc, **_step_figures(metrics)}
 
 
 @flow(name="cul-continual", log_prints=True)
 def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit: int | None = None) -> list[dict]:
-    """Every pending request, oldest first, each from the champion at that moment."""
+    """Every pending request, oldest first, each from the champion at that moment. Without
+    auto-promotion, a run stops after its first accepted step: the next request must start from
+    that step, and only a person makes it the champion."""
     params = load_params(params_path, quick)
     prepare_world(params.world.size, params.world.seed, params.world.eval_seed, str(params.paths.world))
     queue = RequestQueue(params.pipeline.requests_file)
@@ -239,10 +230,23 @@ def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit:
             compute = out["seconds_step"] + out["seconds_eval"]
             out["overhead"] = round((out["seconds_total"] - compute) / compute, 3)
         results.append(out)
+        if out["accepted"] and not out.get("noop") and not params.pipeline.auto_promote:
+            # the next request must start from this step, which a person has yet to promote
+            waiting = len(pending) - len(results)
+            if waiting:
+                get_run_logger().warning(f"version {out['version']} is the candidate; {waiting} request(s) wait "
+                                         "until a person moves `champion` to it (MLflow UI or `cul promote`)")
+            break
     if results:
         create_table_artifact([{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in results],
                               key="continual-run", description="requests processed by this run")
     return results
+
+
+def _step_figures(metrics: dict) -> dict:
+    """What the summary table shows of an attempt's evaluation (the last attempt, if rejected)."""
+    keys = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "seconds_step", "seconds_eval")
+    return {k: metrics.get(k) for k in keys}
 
 
 def _pct(x) -> str:

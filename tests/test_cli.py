@@ -6,12 +6,13 @@ from typer.testing import CliRunner
 from cul.cli import app
 
 runner = CliRunner()
-COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab", "bench", "report"]
+COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab", "bench", "report", "step", "promote",
+            "versions", "serve", "request add", "request list"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command):
-    result = runner.invoke(app, [command, "--help"])
+    result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
 
@@ -50,3 +51,16 @@ def test_world_stage_writes_reference_images_and_vocabulary(tmp_path):
     assert ref.shape == (512, 3, 32, 32)
     assert (tmp_path / "w" / "preview.png").exists()
     assert (tmp_path / "w" / "vocabulary.json").exists()
+
+
+def test_request_queue_commands(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"pipeline:\n  requests_file: {tmp_path / 'queue.yaml'}\n")
+    ok = runner.invoke(app, ["request", "add", "Red", "--note", "ticket 9", "--by", "dpo", "-p", str(params)])
+    assert ok.exit_code == 0 and "queued r001: forget red (colour)" in ok.output
+    again = runner.invoke(app, ["request", "add", "red", "-p", str(params)])
+    assert again.exit_code == 1 and "already requested" in again.output
+    unknown = runner.invoke(app, ["request", "add", "pikachu", "-p", str(params)])
+    assert unknown.exit_code == 1 and "unknown concept" in unknown.output
+    listing = runner.invoke(app, ["request", "list", "-p", str(params)])
+    assert listing.exit_code == 0 and "r001" in listing.output and "pending" in listing.output

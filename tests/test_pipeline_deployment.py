@@ -43,7 +43,7 @@ def test_scheduled_deployment_runs_once_through_a_worker(servers, tmp_path):
                 tracking={"experiment": "cul-scheduled", "registered_model": "cul-world-scheduled"})
     cul(project, servers, "request", "add", "yellow")
     _prefect(project, servers, "work-pool", "create", "cul-local", "--type", "process", "--overwrite")
-    _prefect(project, servers, "--no-prompt", "deploy", "--all")
+    _prefect(project, servers, "--no-prompt", "deploy", "--name", "scheduled")
     listing = _prefect(project, servers, "deployment", "ls")
     assert "scheduled" in listing
     out = _prefect(project, servers, "deployment", "run", "cul-continual/scheduled")

@@ -39,9 +39,10 @@ def _client(env):
     return mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
 
 
-def _set_gate(project: Path, **gate) -> None:
+def _set_gate(project: Path, auto_promote: bool = True, **gate) -> None:
     p = yaml.safe_load((project / "params.yaml").read_text())
     p["pipeline"]["gate"] = {**PERMISSIVE, **gate}
+    p["pipeline"]["auto_promote"] = auto_promote
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -98,16 +99,22 @@ def test_impossible_gate_rejects_and_keeps_champion(project, servers):
 
 def test_next_run_starts_from_the_champion_a_person_chose_in_the_mlflow_ui(project, servers, tmp_path):
     require_chromium()
-    _set_gate(project)
+    _set_gate(project, auto_promote=False)  # from here on, only a person moves `champion`
     set_alias_in_ui(servers["MLFLOW_TRACKING_URI"], MODEL, 1, "champion", screenshot=tmp_path / "ui.png")
     assert _client(servers).get_registered_model(MODEL).aliases["champion"] == "1"
     cul(project, servers, "request", "add", "dotted")
+    cul(project, servers, "request", "add", "yellow")
     cul(project, servers, "run", "--quiet")
     v3 = _client(servers).get_model_version(MODEL, "3")
     assert v3.tags["parent_version"] == "1"
     assert json.loads(v3.tags["forgotten"]) == ["red", "dotted"]  # circle was only in version 2
     steps = yaml.safe_load((project / "requests/steps.yaml").read_text())["steps"]
     assert steps[v3.tags["step"]]["parent"] == "models/steps/s01"
+    # version 3 is only the candidate, so yellow waits for a person instead of building on it
+    aliases = _client(servers).get_registered_model(MODEL).aliases
+    assert aliases["champion"] == "1" and aliases["candidate"] == "3"
+    assert _queue(project)["r005"]["state"] == "pending"
+    assert len(_client(servers).search_model_versions(f"name='{MODEL}'")) == 3
 
 
 def test_dvc_repro_of_a_step_in_a_fresh_clone_gives_the_recorded_metrics(project, servers, tmp_path):
