@@ -64,7 +64,7 @@ def main() -> None:
         "overhead": round(per_request / compute, 3) if compute else None,
         "threads": os.cpu_count(),
         "steps": [{k: s.get(k) for k in ("request", "accepted", "version", "ua", "ra_in", "ra_cross", "ra_neighbour",
-                                         "fd_ratio", "seconds_step", "seconds_eval", "seconds_total", "overhead")}
+                                         "fd_ratio", "seconds_step", "seconds_eval", "seconds_total", "overhead", "reasons")}
                   for s in summary["steps"]],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
