@@ -230,17 +230,17 @@ def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of 
 
 def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
     t = Table(title=f"continual flow: {len(results)} request(s) in {seconds / 60:.1f} min")
-    for col in ("request", "outcome", "UA", "RA-I", "RA-C", "RA-N", "FDx", "step s", "total s", "overhead"):
+    for col in ("request", "outcome", "UA", "RA-I", "RA-C", "RA-N", "FD x", "s step/all", "orch."):
         t.add_column(col, no_wrap=True)
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}"
 
     for r in results:
-        outcome = ("no-op" if r.get("noop") else f"v{r['version']} ({r['step']})" if r["accepted"] else "review")
+        outcome = ("no-op" if r.get("noop") else f"v{r['version']} {r['step']}" if r["accepted"] else "review")
+        seconds = (f"{r['seconds_step']:.0f}/" if r.get("seconds_step") else "") + f"{r.get('seconds_total', 0):.0f}"
         t.add_row(r["request"], outcome, pct(r.get("ua")), pct(r.get("ra_in")), pct(r.get("ra_cross")),
-                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-",
-                  f"{r['seconds_step']:.0f}" if r.get("seconds_step") else "-", f"{r.get('seconds_total', 0):.0f}",
+                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-", seconds,
                   f"{100 * r['overhead']:.0f}%" if r.get("overhead") is not None else "-")
     console.print(t)
     for r in results:
@@ -290,6 +290,25 @@ def request_list(params: Path = ParamsOpt) -> None:
         state = r.describe() + (f" ({'; '.join(r.reasons)[:80]})" if r.reasons else "")
         t.add_row(r.id, r.concept, r.kind, state, r.by, r.at, r.note)
     console.print(t)
+
+
+@request_app.command("retry")
+def request_retry(request_id: str, params: Path = ParamsOpt) -> None:
+    """Send a request that waits for review back to the queue (after changing the gate, the method
+    or the champion): the next run tries it again."""
+    from cul.queue import RequestQueue, State
+
+    queue = RequestQueue(_params(params).pipeline.requests_file)
+    try:
+        item = queue.get(request_id)
+    except KeyError as e:
+        console.print(f"[red]{e.args[0]}[/red]")
+        raise typer.Exit(1) from e
+    if item.state != State.review:
+        console.print(f"[red]{request_id} is {item.describe()}; only a request waiting for review can be retried[/red]")
+        raise typer.Exit(1)
+    queue.update(request_id, state=State.pending, reasons=[])
+    console.print(f"{request_id} ({item.concept}) is pending again")
 
 
 @app.command()

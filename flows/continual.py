@@ -19,7 +19,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cul.audit import write_deletion_record
 from cul.config import Params
-from cul.gate import Gate
+from cul.gate import Gate, Verdict
 from cul.io.tracking import Tracker
 from cul.io.versioning import Versioner
 from cul.queue import RequestQueue, State
@@ -169,8 +169,6 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
         metrics = unlearn_and_evaluate(spec.model_dump_json(), params.model_dump_json(), data_dir, attempt_run,
                                        pl.tracking.model_dump_json())
         verdict = decide(metrics, forgotten + [item.concept], previous, pl.gate.model_dump_json())
-        from cul.gate import Verdict
-
         v = Verdict.model_validate(verdict)
         tracker.log_attempt(attempt_run, metrics, v, spec.report_dir)
         tracker.close(attempt_run)

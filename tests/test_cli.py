@@ -7,7 +7,7 @@ from cul.cli import app
 
 runner = CliRunner()
 COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab", "bench", "report", "step", "promote",
-            "versions", "serve", "request add", "request list"]
+            "versions", "serve", "request add", "request list", "request retry"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -64,3 +64,12 @@ def test_request_queue_commands(tmp_path):
     assert unknown.exit_code == 1 and "unknown concept" in unknown.output
     listing = runner.invoke(app, ["request", "list", "-p", str(params)])
     assert listing.exit_code == 0 and "r001" in listing.output and "pending" in listing.output
+    early = runner.invoke(app, ["request", "retry", "r001", "-p", str(params)])
+    assert early.exit_code == 1 and "only a request waiting for review" in early.output
+
+    from cul.queue import RequestQueue, State
+
+    RequestQueue(tmp_path / "queue.yaml").update("r001", state=State.review, reasons=["UA on red 50.0% < 90%"])
+    retry = runner.invoke(app, ["request", "retry", "r001", "-p", str(params)])
+    assert retry.exit_code == 0 and "pending again" in retry.output
+    assert RequestQueue(tmp_path / "queue.yaml").get("r001").state == State.pending

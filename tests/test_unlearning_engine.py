@@ -112,6 +112,14 @@ def test_two_request_smoke_run_resumes_and_writes_results(base_model, judge, tmp
         assert key in stored[-1]
     assert 0 <= stored[-1]["ua"] <= 1 and stored[-1]["drift"] > 0
     assert (tmp_path / "steps" / "02" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    # a clone has results.json but not the (uncommitted) weights: start over instead of failing
+    import shutil
+
+    shutil.rmtree(tmp_path / "steps")
+    logs.clear()
+    again = run_sequence(base_model, evaluator, requests, spec, tmp_path, max_steps=1, progress=False,
+                         log=logs.append)
+    assert "starting again" in logs[0] and [r["concept"] for r in again] == ["circle"]
 
 
 def test_evaluation_is_exactly_reproducible(base_model, judge):

@@ -174,6 +174,10 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
+    if results and not (out / "steps" / f"{len(results):02d}" / "unet").exists():
+        log(f"[{name}] {results_file} has {len(results)} step(s) but their weights are not on disk "
+            f"({out / 'steps'} is not committed): starting again from the first request")
+        results = []
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
     if evaluator._base is None:
         evaluator.set_base(base_model)
