@@ -238,9 +238,9 @@ def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
 
     for r in results:
         outcome = ("no-op" if r.get("noop") else f"v{r['version']} {r['step']}" if r["accepted"] else "review")
-        seconds = (f"{r['seconds_step']:.0f}/" if r.get("seconds_step") else "") + f"{r.get('seconds_total', 0):.0f}"
+        took = (f"{r['seconds_step']:.0f}/" if r.get("seconds_step") else "") + f"{r.get('seconds_total', 0):.0f}"
         t.add_row(r["request"], outcome, pct(r.get("ua")), pct(r.get("ra_in")), pct(r.get("ra_cross")),
-                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-", seconds,
+                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-", took,
                   f"{100 * r['overhead']:.0f}%" if r.get("overhead") is not None else "-")
     console.print(t)
     for r in results:

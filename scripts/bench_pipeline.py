@@ -62,7 +62,7 @@ def main() -> None:
         "seconds_compute": round(compute, 1),
         "seconds_orchestration": round(per_request, 1),
         "overhead": round(per_request / compute, 3) if compute else None,
-        "threads": os.cpu_count(),
+        "cpu_count": os.cpu_count(),
         "steps": [{k: s.get(k) for k in ("request", "accepted", "version", "ua", "ra_in", "ra_cross", "ra_neighbour",
                                          "fd_ratio", "seconds_step", "seconds_eval", "seconds_total", "overhead", "reasons")}
                   for s in summary["steps"]],
