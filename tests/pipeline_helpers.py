@@ -21,11 +21,28 @@ def copy_project(dest: Path) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
+    _without_requests(dest)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "project"], cwd=dest, check=True)
     return dest
+
+
+def _without_requests(project: Path) -> None:
+    """The copy starts with no request history, even if this checkout has run `cul run` (whose
+    queue, accepted steps, step records and dvc.lock entries are committed into it)."""
+    (project / "requests" / "queue.yaml").unlink(missing_ok=True)
+    (project / "requests" / "steps.yaml").write_text(
+        "# accepted request steps, written by the flow; read by dvc.yaml's step stages\nsteps: {}\n")
+    for folder in ("reports/steps", "reports/audit"):
+        shutil.rmtree(project / folder, ignore_errors=True)
+    lock_file = project / "dvc.lock"
+    lock = yaml.safe_load(lock_file.read_text())
+    steps = [k for k in lock["stages"] if k.startswith("step@")]
+    if steps:
+        lock["stages"] = {k: v for k, v in lock["stages"].items() if k not in steps}
+        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
 
 
 def tiny_params(project: Path, **pipeline) -> Path:
