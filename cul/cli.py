@@ -371,6 +371,7 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
     from cul.judge import Judge
     from cul.models import load_model
     from cul.plots import metric_curves
+    from cul.unlearning.request import resolve_request
     from cul.unlearning.sequence import Evaluator, load_sequence, run_sequence
 
     p = _params(params)
@@ -385,7 +386,12 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
     requests = load_sequence(sequence)
     out = out or p.paths.reports / "benchmark" / name
     base = load_model(model or p.paths.base_model)
-    evaluator = Evaluator(Judge.from_pretrained(p.paths.judge), eval_spec, p.world.size, p.world.eval_seed)
+    # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
+    fd_exclude = [resolve_request(r, []).concept for r in requests]
+    evaluator = Evaluator(Judge.from_pretrained(p.paths.judge), eval_spec, p.world.size, p.world.eval_seed,
+                          fd_exclude=fd_exclude)
+    # the base model's verdict is the same for every method: judge it once per evaluation setting
+    evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
     results = run_sequence(base, evaluator, requests, spec, out, name=name, max_steps=max_steps,
                            progress=not quiet, log=console.print)
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")

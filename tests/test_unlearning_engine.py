@@ -142,3 +142,47 @@ def test_strided_evaluation_keeps_every_concept_equally_often():
         for field in ("object", "colour", "texture"):
             counts = Counter(getattr(s, field) for s in scenes)
             assert len(counts) == 8 and len(set(counts.values())) == 1, (stride, field, counts)
+
+
+def test_fixed_fd_set_avoids_the_sequence_and_stays_the_same_across_steps(base_model, judge):
+    from cul.unlearning.sequence import fd_scenes
+
+    seq = ["circle", "red", "striped"]
+    scenes = fd_scenes(seq, 40)
+    assert len(scenes) == 40
+    assert not any({s.object, s.colour, s.texture} & set(seq) for s in scenes)
+    from cul.world import CONCEPTS, Kind
+
+    with pytest.raises(ValueError, match="no scene"):  # every object excluded: nothing left to draw
+        fd_scenes([c.name for c in CONCEPTS[Kind.OBJECT]], 4)
+    evaluator = Evaluator(judge, EvalSpec(stride=32, fd_images=24), fd_exclude=seq)
+    evaluator.set_base(base_model)
+    one = evaluator(base_model, ["circle"])
+    two = evaluator(base_model, ["circle", "red"])
+    # the same model on the same fixed set: the same FD whatever has been forgotten, ratio 1
+    assert one["fd"] == two["fd"] == one["base"]["fd"] and one["fd_ratio"] == 1.0
+    # the clean-scene FD is still reported, and it does depend on what has been forgotten
+    assert one["fd_clean"] != two["fd_clean"]
+
+
+def test_unconditional_replay_distils_both_branches_on_the_same_noised_images(tiny_world_model):
+    import torch.nn.functional as F
+
+    from cul.unlearning.methods import RetainBatch, _noised, replay_loss
+
+    teacher = tiny_world_model
+    student = teacher.copy()
+    with torch.no_grad():  # make the student differ from the teacher
+        for p in student.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = RetainBatch(["a red circle", "a blue square"], torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        got = replay_loss(student, teacher, batch, torch.Generator().manual_seed(3), uncond=True)
+        x_t, t, _ = _noised(teacher, batch.x0, torch.Generator().manual_seed(3))
+        parts = []
+        for prompts in (batch.prompts, ["", ""]):
+            ctx = teacher.encode_prompts(prompts)
+            parts.append(F.mse_loss(student.predict_noise(x_t, t, ctx), teacher.predict_noise(x_t, t, ctx)))
+        plain = replay_loss(student, teacher, batch, torch.Generator().manual_seed(3))
+    assert torch.allclose(got, (parts[0] + parts[1]) / 2, rtol=1e-5)
+    assert torch.allclose(plain, parts[0], rtol=1e-5) and not torch.allclose(got, plain)

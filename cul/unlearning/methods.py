@@ -57,10 +57,18 @@ def dfr_forget_loss(student, teacher, b: Batch, gen: torch.Generator, t_max: int
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
 
 
-def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator) -> torch.Tensor:
-    """Generative replay with distillation: || eps_s(x_t, t, r) - sg[eps_T(x_t, t, r)] ||^2."""
+def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: bool = False) -> torch.Tensor:
+    """Generative replay with distillation: || eps_s(x_t, t, r) - sg[eps_T(x_t, t, r)] ||^2.
+
+    `uncond` (our option, not in DFR): distil the unconditional prediction on the same x_t too.
+    Classifier-free guidance extrapolates from eps(x_t, "") on every image it draws, so a drift of
+    that branch on retained images is amplified (x (w - 1)) in all of them; DFR's replay only
+    anchors it where the empty prompt itself is replayed."""
     x_t, t, _ = _noised(teacher, r.x0, gen)
     ctx = teacher.encode_prompts(r.prompts)
+    if uncond:
+        ctx = torch.cat([ctx, teacher.encode_prompts([""]).expand_as(ctx)])
+        x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
     with torch.no_grad():
         target = teacher.predict_noise(x_t, t, ctx)
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)

@@ -58,6 +58,7 @@ class UnlearnConfig(BaseModel):
     replay_steps: int = 20
     replay_guidance: float = 1.0
     replay_copies: int = 1
+    replay_uncond: bool = False  # also distil eps(x_t, "") on replayed images (see replay_loss)
     esd_eta: float = 1.0
     push: float = 0.0  # dfr: extra push of the re-steering target away from the concept (0 = DFR)
     l1sp: float = 0.0
@@ -176,7 +177,7 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
         terms = {"unl": forget_loss(student, teacher, forget_batch(), gen)}
         if use_retain:
-            terms["pres"] = replay_loss(student, teacher, retain_batch(), gen)
+            terms["pres"] = replay_loss(student, teacher, retain_batch(), gen, cfg.replay_uncond)
         loss = cfg.l_unl * terms["unl"]
         if "pres" in terms:
             loss = loss + cfg.l_pres * terms["pres"]
