@@ -31,6 +31,12 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
     head = ("| method | steps | UA | RA-I | RA-C | RA-N | mean(UA, RA-I, RA-C) | FD / base | drift "
             "| s / request | replay images / request |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
+    first = next(iter(runs.values()), [])
+    base = first[-1].get("base") if first else None
+    if base:  # the base model judged by the same evaluation, against the same forgotten set
+        trio = [base.get(k) for k in ("ra_in", "ra_cross")]
+        rows.append(f"| base model (reference) | 0 | {_fmt(base.get('ua'))} | {_fmt(trio[0])} | {_fmt(trio[1])} "
+                    f"| {_fmt(base.get('ra_neighbour'))} | - | 1.00 | 0.00 | - | - |")
     for name, results in runs.items():
         r = results[-1]
         trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
@@ -41,3 +47,14 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
                     f"| {_fmt(r['ra_neighbour'])} | {_fmt(mean)} | {_fmt(r.get('fd_ratio'), False)} "
                     f"| {_fmt(r.get('drift'), False)} | {secs:.0f} | {imgs:.0f} |")
     return head + "\n".join(rows) + "\n"
+
+
+def steps_table(name: str, results: list[dict]) -> str:
+    """Markdown: one method's metrics after every request, with the base model's FD beside."""
+    lines = [f"#### {name}\n", "| step | concept | UA | RA-I | RA-C | RA-N | FD / base | drift | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['step']} | {r['concept']} | {_fmt(r['ua'])} | {_fmt(r['ra_in'])} | {_fmt(r['ra_cross'])} "
+                     f"| {_fmt(r['ra_neighbour'])} | {_fmt(r.get('fd_ratio'), False)} | {_fmt(r.get('drift'), False)} "
+                     f"| {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"

@@ -73,3 +73,27 @@ def test_request_queue_commands(tmp_path):
     retry = runner.invoke(app, ["request", "retry", "r001", "-p", str(params)])
     assert retry.exit_code == 0 and "pending again" in retry.output
     assert RequestQueue(tmp_path / "queue.yaml").get("r001").state == State.pending
+
+
+def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path):
+    import json
+
+    def step(k, concept, ua, fd_ratio):
+        return {"step": k, "concept": concept, "ua": ua, "ra_in": 0.9, "ra_cross": 0.8, "ra_neighbour": 0.7,
+                "fd_ratio": fd_ratio, "drift": 1.5, "seconds": 100.0 + k, "replay_images": 50,
+                "base": {"ua": 0.0, "ra_in": 1.0, "ra_cross": 1.0, "ra_neighbour": 0.95, "fd": 0.3}}
+
+    for name, rows in {"a": [step(1, "circle", 0.5, 1.2), step(2, "red", 0.6, 1.4)], "b": [step(1, "circle", 1.0, 2.0)]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rows))
+    result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "table.md").read_text()
+    summary = table.split("### Every step")[0]
+    lines = [x for x in summary.splitlines() if x.startswith("| ") and not x.startswith("| method")]
+    assert lines[0].startswith("| base model") and "| 95.0 |" in lines[0]
+    # method a: its last step (2), mean of UA 60, RA-I 90, RA-C 80 = 76.7, mean cost 101.5 -> 102
+    assert lines[1].startswith("| a | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 76.7 | 1.40 |") and "| 102 |" in lines[1]
+    assert lines[2].startswith("| b | 1 | 100.0 |")
+    assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
+    assert (tmp_path / "metrics.png").stat().st_size > 0

@@ -25,7 +25,7 @@ class Batch:
 
     forget: list[str]
     mapped: list[str]
-    x0_forget: torch.Tensor  # teacher samples of the forget prompts
+    x0_forget: torch.Tensor | None  # teacher samples of the forget prompts (DFR, ESD)
     x0_mapped: torch.Tensor | None  # teacher samples of the mapped prompts (CA, naive)
 
 

@@ -99,11 +99,10 @@ def _forget_loss(cfg: UnlearnConfig):
 
 def replay_sources(teacher, prompts: PromptSet, cfg: UnlearnConfig,
                    buffers_dir: str | Path | None = None) -> dict[str, ReplayBuffer | OnlineReplay]:
-    """The teacher samples a step trains on: forget (and mapped, for CA/naive) prompts, and the
-    retain prompts when there is a replay term; generated once, or online per batch."""
-    wanted = {"forget": prompts.forget}
-    if cfg.method in ("ca", "naive"):
-        wanted["mapped"] = prompts.mapped
+    """The teacher samples a step trains on: forget prompts (DFR, ESD noise the concept's own
+    images) or mapped prompts (CA, naive train on the surrogate's), and the retain prompts when
+    there is a replay term; generated once, or online per batch."""
+    wanted = {"mapped": prompts.mapped} if cfg.method in ("ca", "naive") else {"forget": prompts.forget}
     if cfg.l_pres > 0 and prompts.retain_prompts():
         wanted["retain"] = prompts.retain_prompts()
     sources: dict[str, ReplayBuffer | OnlineReplay] = {}
@@ -153,7 +152,7 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
         idx = torch.randint(0, n_forget * n_copies, (cfg.forget_batch,), generator=gen).tolist()
         pidx = [i // n_copies for i in idx]
         return Batch([prompts.forget[i] for i in pidx], [prompts.mapped[i] for i in pidx],
-                     sources["forget"].take(idx),
+                     sources["forget"].take(idx) if not needs_mapped else None,
                      sources["mapped"].take(idx) if needs_mapped else None)
 
     def retain_batch() -> RetainBatch:
