@@ -296,6 +296,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
             "seconds_replay": round(result.seconds_replay, 1),
             "seconds_train": round(result.seconds_train, 1),
             "replay_images": result.replay_images,
+            "threads": torch.get_num_threads(),  # timings are only comparable at equal threads
             "surrogates": ps.surrogates,
             "base": metrics.get("base"),
             "per_concept": metrics["per_concept"],
