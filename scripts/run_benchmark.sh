@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CUL=${CUL:-.venv/bin/cul}
-STRIDE=${STRIDE:-2}
+STRIDE=${STRIDE:-4}  # 128 balanced scenes for UA/RA, plus the fixed 200-image FD set
 methods=("$@")
 [ ${#methods[@]} -gt 0 ] || methods=(dfr naive ca esd ca+gradient_projection ca+l2sp ca+selft dfr+gradient_projection simultaneous dfr_online)
 for m in "${methods[@]}"; do
