@@ -186,3 +186,20 @@ def test_unconditional_replay_distils_both_branches_on_the_same_noised_images(ti
         plain = replay_loss(student, teacher, batch, torch.Generator().manual_seed(3))
     assert torch.allclose(got, (parts[0] + parts[1]) / 2, rtol=1e-5)
     assert torch.allclose(plain, parts[0], rtol=1e-5) and not torch.allclose(got, plain)
+
+
+def test_coverage_captions_avoid_every_forgotten_concept_and_train_only_when_asked(tiny_world_model, text_encoder):
+    from cul.world import concept
+
+    ps = build_prompt_set("red", forgotten_before=["circle"], surrogates=["blue"], n_forget=4,
+                          n_per_retained=1, n_per_neighbour=1, n_coverage=64, text_encoder=text_encoder)
+    assert len(ps.coverage) == 64 and len(set(ps.coverage)) > 32
+    words = {w for c in ("red", "circle") for w in concept(c).synonyms}
+    assert not any(set(p.replace(",", " ").split()) & words for p in ps.coverage)
+    # coverage has its own random stream: the other groups are what they were without it
+    without = build_prompt_set("red", forgotten_before=["circle"], surrogates=["blue"], n_forget=4,
+                               n_per_retained=1, n_per_neighbour=1, n_coverage=0, text_encoder=text_encoder)
+    assert without.coverage == [] and (without.forget, without.retain) == (ps.forget, ps.retain)
+    with_cover = unlearn(tiny_world_model, ps, UnlearnConfig(method="dfr", coverage=True, **FAST))
+    plain = unlearn(tiny_world_model, ps, UnlearnConfig(method="dfr", **FAST))
+    assert all("cover" in h for h in with_cover.history) and not any("cover" in h for h in plain.history)

@@ -74,6 +74,16 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: 
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 
+def coverage_loss(student, teacher, x0: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
+    """Replay distillation over the prompt space, not only the buffer's prompts (our option, not
+    in DFR): the teacher's prediction is defined for any (x_t, t, c), so replayed images are noised
+    again and paired with captions drawn from many clean scenes that have no images of their own.
+    The buffer anchors a hundred-odd prompts; this anchors the text conditioning of the rest at no
+    generation cost (one more forward pass per step)."""
+    idx = torch.randint(0, len(captions), (x0.shape[0],), generator=gen).tolist()
+    return replay_loss(student, teacher, RetainBatch([captions[i] for i in idx], x0), gen)
+
+
 def ca_loss(student, teacher, b: Batch, gen: torch.Generator) -> torch.Tensor:
     """Concept Ablation (model-based): anchor images, target prompt -> teacher's anchor prediction."""
     x_t, t, _ = _noised(teacher, b.x0_mapped, gen)

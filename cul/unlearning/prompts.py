@@ -48,6 +48,8 @@ class PromptSet:
     surrogates: list[str]
     neighbours: list[str]
     retain: dict[str, list[str]] = field(default_factory=dict)  # group -> prompts
+    # captions of many clean scenes, no images: targets of the coverage term (see coverage_loss)
+    coverage: list[str] = field(default_factory=list)
 
     def retain_prompts(self) -> list[str]:
         return [p for group in self.retain.values() for p in group]
@@ -114,6 +116,7 @@ def build_prompt_set(
     n_per_retained: int = 4,
     n_per_neighbour: int = 12,
     n_per_forgotten: int = 8,
+    n_coverage: int = 256,
     text_encoder=None,
     seed: int = 0,
 ) -> PromptSet:
@@ -175,7 +178,10 @@ def build_prompt_set(
         pool = _clean_scenes(gone, required=(fk, f))
         for i in rng.permutation(len(pool))[:n_per_forgotten]:
             retain["forgotten"].append(scene_prompt(pool[i], rng)[0])
-    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain)
+    # coverage: its own stream, so the groups above stay what they were before it existed
+    crng = np.random.default_rng([seed, 1])
+    coverage = [scene_prompt(clean[i], crng)[0] for i in crng.permutation(len(clean))[:n_coverage]]
+    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain, coverage)
 
 
 @torch.no_grad()

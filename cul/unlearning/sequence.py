@@ -121,7 +121,7 @@ def merge_prompt_sets(sets: list[PromptSet]) -> PromptSet:
     return PromptSet("+".join(s.concept for s in sets), last.kind,
                      [p for s in sets for p in s.forget], [p for s in sets for p in s.mapped],
                      sorted({x for s in sets for x in s.surrogates}),
-                     sorted({x for s in sets for x in s.neighbours}), retain)
+                     sorted({x for s in sets for x in s.neighbours}), retain, last.coverage)
 
 
 class Evaluator:

@@ -22,6 +22,7 @@ from cul.unlearning.methods import (
     dfr_forget_loss,
     esd_loss,
     naive_loss,
+    coverage_loss,
     replay_loss,
 )
 from cul.unlearning.prompts import PromptSet
@@ -59,6 +60,7 @@ class UnlearnConfig(BaseModel):
     replay_guidance: float = 1.0
     replay_copies: int = 1
     replay_uncond: bool = False  # also distil eps(x_t, "") on replayed images (see replay_loss)
+    coverage: bool = False  # also distil the teacher on the coverage captions (see coverage_loss)
     esd_eta: float = 1.0
     push: float = 0.0  # dfr: extra push of the re-steering target away from the concept (0 = DFR)
     l1sp: float = 0.0
@@ -134,6 +136,7 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     needs_mapped = cfg.method in ("ca", "naive")
     retain_prompts = prompts.retain_prompts()
     use_retain = cfg.l_pres > 0 and retain_prompts
+    use_coverage = cfg.coverage and bool(prompts.coverage)
 
     # -- replay data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -176,10 +179,15 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
         terms = {"unl": forget_loss(student, teacher, forget_batch(), gen)}
         if use_retain:
-            terms["pres"] = replay_loss(student, teacher, retain_batch(), gen, cfg.replay_uncond)
+            rb = retain_batch()
+            terms["pres"] = replay_loss(student, teacher, rb, gen, cfg.replay_uncond)
+            if use_coverage:
+                terms["cover"] = coverage_loss(student, teacher, rb.x0, prompts.coverage, gen)
         loss = cfg.l_unl * terms["unl"]
         if "pres" in terms:
             loss = loss + cfg.l_pres * terms["pres"]
+        if "cover" in terms:
+            loss = loss + cfg.l_pres * terms["cover"]
         if cfg.l_reg:
             terms["reg"] = anchor.l2_sum()
             loss = loss + cfg.l_reg * terms["reg"]
