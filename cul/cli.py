@@ -404,7 +404,7 @@ def report(runs: Path = typer.Option(Path("reports/benchmark"), help="Folder of 
     """Combine benchmark runs: a markdown table of the last step of each method, and plots of
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
-    from cul.reports import benchmark_table, steps_table
+    from cul.reports import benchmark_table, side_by_side, steps_table
 
     out = out or runs
     found = {f.parent.name: json.loads(f.read_text()) for f in sorted(runs.glob("*/results.json"))}
@@ -412,7 +412,8 @@ def report(runs: Path = typer.Option(Path("reports/benchmark"), help="Folder of 
     if not found:
         raise typer.BadParameter(f"no */results.json under {runs}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(benchmark_table(found) + "\n### Every step\n\n"
+    (out / "table.md").write_text(benchmark_table(found) + "\n### At equal steps\n\n" + side_by_side(found)
+                                  + "\n### Every step\n\n"
                                   + "\n".join(steps_table(k, v) for k, v in found.items()))
     metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
     console.print((out / "table.md").read_text())

@@ -58,3 +58,25 @@ def steps_table(name: str, results: list[dict]) -> str:
                      f"| {_fmt(r['ra_neighbour'])} | {_fmt(r.get('fd_ratio'), False)} | {_fmt(r.get('drift'), False)} "
                      f"| {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(runs: dict[str, list[dict]]) -> str:
+    """Markdown: methods as columns, requests as rows: mean(UA, RA-I, RA-C) and FD / base after
+    each request, so runs of different lengths are compared at equal steps, not at their ends."""
+    names = list(runs)
+    n = max((len(v) for v in runs.values()), default=0)
+    lines = ["| after request | " + " | ".join(f"{m}: mean / FDx" for m in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for i in range(n):
+        cells = []
+        for m in names:
+            if i >= len(runs[m]):
+                cells.append("")
+                continue
+            r = runs[m][i]
+            trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
+            mean = sum(trio) / 3 if all(v is not None for v in trio) else None
+            cells.append(f"{_fmt(mean)} / {_fmt(r.get('fd_ratio'), False)}")
+        concept = next((runs[m][i]["concept"] for m in names if i < len(runs[m])), "")
+        lines.append(f"| {i + 1} ({concept}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

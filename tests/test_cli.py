@@ -89,7 +89,10 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "table.md").read_text()
-    summary = table.split("### Every step")[0]
+    summary, rest = table.split("### At equal steps")
+    side = rest.split("### Every step")[0]
+    # at equal steps: b stops after request 1, a goes on; a's mean after 1 is (50 + 90 + 80) / 3
+    assert "| 1 (circle) | 73.3 / 1.20 | 90.0 / 2.00 |" in side and "| 2 (red) | 76.7 / 1.40 |  |" in side
     lines = [x for x in summary.splitlines() if x.startswith("| ") and not x.startswith("| method")]
     assert lines[0].startswith("| base model") and "| 95.0 |" in lines[0]
     # method a: its last step (2), mean of UA 60, RA-I 90, RA-C 80 = 76.7, mean cost 101.5 -> 102
