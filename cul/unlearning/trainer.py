@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from pydantic import BaseModel, ConfigDict, Field
 
 from cul.unlearning.methods import (
@@ -49,6 +50,7 @@ class UnlearnConfig(BaseModel):
     forget_batch: int = Field(16, ge=1)
     retain_batch: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 by the last step
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     t_max: int = Field(600, ge=1, le=1000)
@@ -175,6 +177,7 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
         mask = SelectiveMask(params, importance, cfg.selft_fraction)
 
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, 0, cfg.steps) if cfg.lr_schedule == "cosine" else None
     history = []
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
         terms = {"unl": forget_loss(student, teacher, forget_batch(), gen)}
@@ -206,6 +209,8 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], cfg.grad_clip)
         opt.step()
+        if sched is not None:
+            sched.step()
         if mask is not None:
             mask.restore()
         if step % 10 == 0 or step == cfg.steps - 1:
