@@ -126,6 +126,34 @@ def test_world_unet_projector_covers_every_text_reading_linear(tiny_world_model)
     assert set(proj.P) == set(layers)
 
 
+@pytest.mark.parametrize("prompt,moves_other_words", [("circle", False),
+                                                       ("a red circle on a striped background", True)])
+def test_esd_on_the_concept_name_moves_text_weights_only_along_its_own_tokens(tiny_world_model, prompt,
+                                                                              moves_other_words):
+    """Why `esd_prompt: concept` is ESD as published: the gradient of a text-reading linear map is
+    sum_i dout_i x_i^T over the prompt's tokens, so erasing the name alone cannot touch directions
+    that only other words use; erasing the whole caption can (and does, see the benchmark)."""
+    from cul.unlearning.methods import Batch, esd_loss
+
+    teacher = tiny_world_model
+    student = teacher.copy()
+    select_parameters(student.unet, "xattn_kv")
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((4, *teacher.latent_shape()), generator=gen)
+    esd_loss(student, teacher, Batch([prompt] * 4, ["square"] * 4, x0, None), gen).backward()
+    own = GradientProjector.from_prompts(student, ["circle"], eps=1e-10, dedupe_cos=0.999999)
+    residuals = []
+    for name, layer in own.layers.items():
+        g = layer.weight.grad
+        if g is not None and g.norm() > 0:
+            residuals.append(float((g.double() @ own.P[name].double()).norm() / g.double().norm()))
+    assert residuals
+    if moves_other_words:
+        assert max(residuals) > 0.1
+    else:
+        assert max(residuals) < 1e-3
+
+
 def test_selft_leaves_masked_weights_bit_identical():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))

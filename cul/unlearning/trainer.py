@@ -64,6 +64,9 @@ class UnlearnConfig(BaseModel):
     replay_uncond: bool = False  # also distil eps(x_t, "") on replayed images (see replay_loss)
     coverage: bool = False  # also distil the teacher on the coverage captions (see coverage_loss)
     esd_eta: float = 1.0
+    # esd: erase the concept's name alone ("concept", as ESD erases "Van Gogh"), or the full forget
+    # prompts ("context"), whose negative guidance also pushes away the other words in them
+    esd_prompt: Literal["context", "concept"] = "context"
     push: float = 0.0  # dfr: extra push of the re-steering target away from the concept (0 = DFR)
     l1sp: float = 0.0
     l2sp: float = 0.0
@@ -156,7 +159,10 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     def forget_batch() -> Batch:
         idx = torch.randint(0, n_forget * n_copies, (cfg.forget_batch,), generator=gen).tolist()
         pidx = [i // n_copies for i in idx]
-        return Batch([prompts.forget[i] for i in pidx], [prompts.mapped[i] for i in pidx],
+        forget = [prompts.forget[i] for i in pidx]
+        if cfg.method == "esd" and cfg.esd_prompt == "concept":
+            forget = [prompts.concept] * len(pidx)  # x_t still from images of the concept in context
+        return Batch(forget, [prompts.mapped[i] for i in pidx],
                      sources["forget"].take(idx) if not needs_mapped else None,
                      sources["mapped"].take(idx) if needs_mapped else None)
 
