@@ -155,6 +155,28 @@ def projection_matrix(c: torch.Tensor, eps: float = 1e-4, dedupe_cos: float = 0.
     return p.float()
 
 
+@torch.no_grad()
+def text_layer_inputs(model, prompts: list[str]) -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor]]:
+    """The text-reading linear maps of the UNet and what each reads for `prompts` (rows: token
+    inputs), recorded with forward pre-hooks so the same code serves the world model and SD."""
+    layers = text_input_linears(model.unet)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, layer in layers.items():
+        def hook(mod, args, name=name):
+            if name not in captured:  # the context is the same at every denoising step
+                captured[name] = args[0].reshape(-1, args[0].shape[-1]).detach().cpu()
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        ctx = model.encode_prompts(prompts)
+        x = torch.zeros((len(prompts), *model.latent_shape()), device=model.device)
+        model.predict_noise(x, torch.zeros(len(prompts), dtype=torch.long, device=model.device), ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return layers, captured
+
+
 class GradientProjector:
     """CUR's gradient projection on the text-reading linear maps (K and V of cross-attention).
 
@@ -170,23 +192,8 @@ class GradientProjector:
         self.frozen = list(frozen)
 
     @classmethod
-    @torch.no_grad()
     def from_prompts(cls, model, prompts: list[str], **kw) -> "GradientProjector":
-        layers = text_input_linears(model.unet)
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, layer in layers.items():
-            def hook(mod, args, name=name):
-                if name not in captured:  # the context is the same at every denoising step
-                    captured[name] = args[0].reshape(-1, args[0].shape[-1]).detach().cpu()
-            hooks.append(layer.register_forward_pre_hook(hook))
-        try:
-            ctx = model.encode_prompts(prompts)
-            x = torch.zeros((len(prompts), *model.latent_shape()), device=model.device)
-            model.predict_noise(x, torch.zeros(len(prompts), dtype=torch.long, device=model.device), ctx)
-        finally:
-            for h in hooks:
-                h.remove()
+        layers, captured = text_layer_inputs(model, prompts)
         weights = {id(m.weight) for m in layers.values()}
         frozen = [p for n, p in model.unet.named_parameters()
                   if id(p) not in weights and (n.startswith(TEXT_PATH) or (".attn2.to_k." in n or ".attn2.to_v." in n))]
