@@ -371,8 +371,7 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
     from cul.judge import Judge
     from cul.models import load_model
     from cul.plots import metric_curves
-    from cul.unlearning.request import resolve_request
-    from cul.unlearning.sequence import Evaluator, load_sequence, run_sequence
+    from cul.unlearning.sequence import Evaluator, load_sequence, run_sequence, sequence_concepts
 
     p = _params(params)
     name = method or p.unlearn.default
@@ -387,7 +386,7 @@ def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml")
     out = out or p.paths.reports / "benchmark" / name
     base = load_model(model or p.paths.base_model)
     # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
-    fd_exclude = [resolve_request(r, []).concept for r in requests]
+    fd_exclude = sequence_concepts(requests)
     evaluator = Evaluator(Judge.from_pretrained(p.paths.judge), eval_spec, p.world.size, p.world.eval_seed,
                           fd_exclude=fd_exclude)
     # the base model's verdict is the same for every method: judge it once per evaluation setting

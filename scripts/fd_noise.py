@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 
 from cul.config import Params
 from cul.evaluation import frechet_distance, generate_scenes
 from cul.judge import Judge, to_tensor
 from cul.models import load_model
-from cul.unlearning.request import resolve_request
-from cul.unlearning.sequence import fd_scenes, load_sequence
+from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
 from cul.world import World
 
 
@@ -40,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     p = Params.load(args.params)
-    concepts = [resolve_request(r, []).concept for r in load_sequence(args.sequence)]
+    concepts = sequence_concepts(load_sequence(args.sequence))
     scenes = fd_scenes(concepts, 200)
     judge = Judge.from_pretrained(p.paths.judge)
     # the benchmark's real set is World(seed=eval_seed+1); other draws are further seeds
@@ -49,9 +47,7 @@ def main() -> None:
     base = load_model(p.paths.base_model)
     models = {"base": base}
     for w in args.weights:
-        m = base.copy()
-        m.unet = UNet2DConditionModel.from_pretrained(w, use_safetensors=True).eval()
-        models[str(w)] = m
+        models[str(w)] = base.with_unet(w)
 
     result = {"images": len(scenes), "torch_threads": torch.get_num_threads(), "models": {}}
     for name, model in models.items():

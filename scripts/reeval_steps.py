@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 
 from cul.config import Params
 from cul.judge import Judge
 from cul.models import load_model
-from cul.unlearning.request import resolve_request
-from cul.unlearning.sequence import Evaluator, load_sequence
+from cul.unlearning.sequence import Evaluator, load_sequence, sequence_concepts, step_unet
 
 KEYS = ("ua", "ra_in", "ra_cross", "ra_neighbour")
 
@@ -43,7 +41,7 @@ def main() -> None:
     p = Params.load("params.yaml")
     base = load_model(p.paths.base_model)
     judge = Judge.from_pretrained(p.paths.judge)
-    fd_exclude = [resolve_request(r, []).concept for r in load_sequence(args.sequence)]
+    fd_exclude = sequence_concepts(load_sequence(args.sequence))
     seeds = [int(s) for s in args.seeds.split(",")]
     out = {"stride": args.stride, "seeds": seeds, "threads": torch.get_num_threads(), "runs": {}}
     evaluators = {}
@@ -55,11 +53,10 @@ def main() -> None:
     for run in map(Path, args.runs):
         results = json.loads((run / "results.json").read_text())
         k = args.step or len(results)
-        unet_dir = run / "steps" / f"{k:02d}" / "unet"
+        unet_dir = step_unet(run, k)
         if not unet_dir.is_dir():
             raise SystemExit(f"{unet_dir} is missing: step weights are not committed; rerun `cul bench` for {run.name}")
-        model = base.copy()
-        model.unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True).eval()
+        model = base.with_unet(unet_dir)
         forgotten = [r["concept"] for r in results[:k]]
         per_seed = []
         for seed, ev in evaluators.items():

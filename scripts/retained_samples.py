@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffusers import UNet2DConditionModel
-
 from cul.models import load_model
 from cul.plots import before_after
-from cul.unlearning.request import resolve_request
-from cul.unlearning.sequence import fd_scenes, load_sequence
+from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts, step_unet
 from cul.world import caption
 
 
@@ -31,13 +28,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    weights = args.run / "steps" / f"{args.step:02d}" / "unet"
+    weights = step_unet(args.run, args.step)
     if not weights.exists():
         raise SystemExit(f"{weights} is not on disk (steps/ is not committed): rerun `cul bench` first")
     base = load_model(args.base)
-    model = base.copy()
-    model.unet = UNet2DConditionModel.from_pretrained(weights, use_safetensors=True).eval()
-    concepts = [resolve_request(r, []).concept for r in load_sequence(args.sequence)]
+    model = base.with_unet(weights)
+    concepts = sequence_concepts(load_sequence(args.sequence))
     pool = fd_scenes(concepts, 100)
     scenes = pool[:: max(1, len(pool) // args.n)][: args.n]
     prompts = [caption(s.object, s.colour, s.texture) for s in scenes]

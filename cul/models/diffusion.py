@@ -175,6 +175,16 @@ class DiffusionModel:
         clone.unet = copy.deepcopy(self.unet)
         return clone
 
+    def with_unet(self, path: str | Path) -> "DiffusionModel":
+        """A copy whose UNet is loaded from `path` (a benchmark step's `steps/NN/unet`): the
+        unlearning methods save only the UNet, everything else is the base model's."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no UNet weights at {path}")
+        clone = copy.copy(self)
+        clone.unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True).eval()
+        return clone
+
     def save_pretrained(self, path: str | Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -93,6 +93,17 @@ def load_sequence(path: str | Path) -> list[Request]:
     return [Request(**(i if isinstance(i, dict) else {"concept": str(i)})) for i in items]
 
 
+def sequence_concepts(requests: Sequence[Request]) -> list[str]:
+    """The concept names of a sequence, as a fresh model would resolve them (the benchmark's FD
+    set avoids all of them)."""
+    return [resolve_request(r, []).concept for r in requests]
+
+
+def step_unet(out: str | Path, k: int) -> Path:
+    """Where `run_sequence` saves the UNet after request k (1-based)."""
+    return Path(out) / "steps" / f"{k:02d}" / "unet"
+
+
 def choose_surrogates(model, name: str, forgotten: list[str], hints: list[str], n: int,
                       neighbours: bool = True) -> list[str]:
     """Hints first, then the same-kind candidates closest in noise prediction (later DFR code);
@@ -223,7 +234,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
-    if results and not (out / "steps" / f"{len(results):02d}" / "unet").exists():
+    if results and not step_unet(out, len(results)).exists():
         log(f"[{name}] {results_file} has {len(results)} step(s) but their weights are not on disk "
             f"({out / 'steps'} is not committed): starting again from the first request")
         results = []
@@ -233,9 +244,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
     model = base_model
     forgotten: list[str] = [r["concept"] for r in results]
     if results:
-        last = out / "steps" / f"{len(results):02d}" / "unet"
-        model = base_model.copy()
-        model.unet = UNet2DConditionModel.from_pretrained(last, use_safetensors=True).eval()
+        model = base_model.with_unet(step_unet(out, len(results)))
         log(f"[{name}] resuming after step {len(results)} ({', '.join(forgotten)})")
     sets: list[PromptSet] = [PromptSet.load(out / "steps" / f"{i + 1:02d}" / "prompts.json") for i in range(len(results))]
     ties_states: list[dict] = []
@@ -304,7 +313,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
         }
         step_dir.mkdir(parents=True, exist_ok=True)
         ps.save(step_dir / "prompts.json")
-        student.unet.save_pretrained(step_dir / "unet", safe_serialization=True)
+        student.unet.save_pretrained(step_unet(out, k), safe_serialization=True)
         results.append(entry)
         results_file.write_text(json.dumps(results, indent=1) + "\n")
         log(f"[{name}] step {k} forget {ps.concept}: UA {_pct(entry['ua'])} RA-I {_pct(entry['ra_in'])} "
