@@ -134,9 +134,16 @@ def prepare_data(spec: StepSpec, params: Params, out_data: Path | None = None):
     ps = prepare_step(parent, spec.request, spec.forgotten, spec.spec, seed=spec.seed)
     ps.save(out_data / "prompts.json")
     t0 = time.perf_counter()
-    replay_sources(parent, ps, _train_config(spec), out_data / "replay")
+    replay_sources(parent, ps, _train_config(spec), out_data / "replay", anchor=_anchor(spec, params))
     (out_data / "replay" / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
     return out_data
+
+
+def _anchor(spec: StepSpec, params: Params):
+    """The base model, when the method distils what it keeps from it (`retain_teacher: base`)."""
+    from cul.models import load_model
+
+    return load_model(params.paths.base_model) if _train_config(spec).retain_teacher == "base" else None
 
 
 def _train_config(spec: StepSpec):
@@ -170,7 +177,8 @@ def train_and_evaluate(spec: StepSpec, params: Params, data_dir: Path | None = N
     parent = load_model(spec.parent)
     ps = PromptSet.load(data_dir / "prompts.json")
     replay_seconds = json.loads((data_dir / "replay" / "seconds.json").read_text())["seconds"]
-    result = unlearn(parent, ps, _train_config(spec), buffers=load_buffers(data_dir, spec), progress=progress)
+    result = unlearn(parent, ps, _train_config(spec), buffers=load_buffers(data_dir, spec), progress=progress,
+                     anchor=_anchor(spec, params))
     result.student.save_pretrained(out_model)
 
     t1 = time.perf_counter()

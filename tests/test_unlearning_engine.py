@@ -203,3 +203,43 @@ def test_coverage_captions_avoid_every_forgotten_concept_and_train_only_when_ask
     with_cover = unlearn(tiny_world_model, ps, UnlearnConfig(method="dfr", coverage=True, **FAST))
     plain = unlearn(tiny_world_model, ps, UnlearnConfig(method="dfr", **FAST))
     assert all("cover" in h for h in with_cover.history) and not any("cover" in h for h in plain.history)
+
+
+def test_base_retain_teacher_pulls_what_is_kept_back_to_the_base_model(tiny_world_model, text_encoder, tmp_path):
+    """retain_teacher "base": a drifted previous model is distilled toward theta_0 on the kept
+    prompts, the earlier forgotten concept's prompts come from theta_{k-1}, and neither teacher
+    changes; "previous" (DFR) keeps the drift."""
+    ps = build_prompt_set("circle", forgotten_before=["red"], surrogates=["square"], n_forget=4, n_per_retained=1,
+                          n_per_neighbour=1, n_per_forgotten=2, text_encoder=text_encoder)
+    torch.manual_seed(1)
+    previous = tiny_world_model.copy()
+    with torch.no_grad():
+        for p in previous.unet.parameters():
+            p.add_(0.05 * p.std().nan_to_num(0.01) * torch.randn_like(p))
+    base_before = {n: p.clone() for n, p in tiny_world_model.unet.named_parameters()}
+    prev_before = {n: p.clone() for n, p in previous.unet.named_parameters()}
+    cfg = dict(method="dfr", l_unl=0.0, l_reg=0.0, steps=80, lr=1e-3, forget_batch=2, retain_batch=8,
+               replay_steps=2, replay_guidance=1.0)
+
+    kept = [p for g, group in ps.retain.items() if g != "forgotten" for p in group]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((len(kept), *tiny_world_model.latent_shape()), generator=gen)
+    t = torch.randint(0, 1000, (len(kept),), generator=gen)
+
+    @torch.no_grad()
+    def gap(model) -> float:  # how far the model's predictions on kept prompts are from the base's
+        return float(((model.predict_noise(x, t, model.encode_prompts(kept))
+                       - tiny_world_model.predict_noise(x, t, tiny_world_model.encode_prompts(kept))) ** 2).mean())
+
+    with pytest.raises(ValueError, match="base model"):
+        unlearn(previous, ps, UnlearnConfig(retain_teacher="base", **cfg))
+    anchored = unlearn(previous, ps, UnlearnConfig(retain_teacher="base", **cfg), buffers_dir=tmp_path,
+                       anchor=tiny_world_model)
+    chained = unlearn(previous, ps, UnlearnConfig(**cfg))
+    assert ReplayBuffer.load(tmp_path / "retain_base").prompts == kept
+    assert ReplayBuffer.load(tmp_path / "retain").prompts == ps.retain["forgotten"]
+    assert gap(anchored.student) < 0.5 * gap(previous)
+    # self-distillation from theta_{k-1} has zero gradient: the drift stays exactly where it was
+    assert gap(chained.student) == pytest.approx(gap(previous), rel=1e-6)
+    for model, before in ((tiny_world_model, base_before), (previous, prev_before)):
+        assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())

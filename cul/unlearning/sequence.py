@@ -272,7 +272,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
         else:
             train_set, cfg = ps, spec.unlearn
         cfg = cfg.model_copy(update={"seed": spec.unlearn.seed * 100 + k})
-        result = unlearn(start, train_set, cfg, progress=progress)
+        result = unlearn(start, train_set, cfg, progress=progress, anchor=base_model)
         student = result.student
         if spec.mode == "ties":
             step_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,13 @@
 The teacher (theta_{k-1}) is frozen for the whole step: every target is computed from it under
 no_grad, and its weights are never handed to the optimizer. Replay data come from a per-request
 buffer generated once (default) or from DFR's online per-step generation (`replay: online`).
+
+`retain_teacher: base` (our change to DFR): what is kept is distilled from the base model theta_0
+instead of theta_{k-1}. DFR's chain theta_0 -> theta_1 -> ... copies each step's small errors on
+retained concepts into the next teacher, so they compound with the number of requests; anchoring
+the retained prompts (neighbours, other concepts, unrelated captions) and the surrogate targets
+to theta_0 stops the chain there. Only the prompts of earlier forgotten concepts still come from
+theta_{k-1}, which is the one model that has them forgotten.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ class UnlearnConfig(BaseModel):
     selft_batches: int = 4
     projection: bool = False
     projection_max_rank: int | None = None
+    # who supplies the targets for what is kept: "previous" (DFR: theta_{k-1}) or "base" (theta_0;
+    # earlier forgotten concepts still from theta_{k-1}); see the module docstring
+    retain_teacher: Literal["previous", "base"] = "previous"
     seed: int = 0
 
 
@@ -104,21 +114,49 @@ def _forget_loss(cfg: UnlearnConfig):
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
-def replay_sources(teacher, prompts: PromptSet, cfg: UnlearnConfig,
-                   buffers_dir: str | Path | None = None) -> dict[str, ReplayBuffer | OnlineReplay]:
+def anchored_retain(prompts: PromptSet) -> tuple[list[str], list[str]]:
+    """The retain prompts split by teacher under `retain_teacher: base`: (from theta_0: every group
+    but the earlier forgotten concepts', from theta_{k-1}: those)."""
+    kept = [p for g, ps in prompts.retain.items() if g != "forgotten" for p in ps]
+    return kept, list(prompts.retain.get("forgotten", []))
+
+
+def _teachers(teacher, anchor, cfg: UnlearnConfig):
+    """(teacher of the retained prompts and surrogate targets, teacher of the forgotten prompts)."""
+    if cfg.retain_teacher == "previous":
+        return teacher, teacher
+    if anchor is None:
+        raise ValueError("retain_teacher 'base' needs the base model: pass anchor=<base model>")
+    anchor.unet.eval().requires_grad_(False)
+    return anchor, teacher
+
+
+def replay_sources(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | Path | None = None,
+                   anchor=None) -> dict[str, ReplayBuffer | OnlineReplay]:
     """The teacher samples a step trains on: forget prompts (DFR, ESD noise the concept's own
     images) or mapped prompts (CA, naive train on the surrogate's), and the retain prompts when
-    there is a replay term; generated once, or online per batch."""
-    wanted = {"mapped": prompts.mapped} if cfg.method in ("ca", "naive") else {"forget": prompts.forget}
+    there is a replay term; generated once, or online per batch. Under `retain_teacher: base` the
+    retain prompts come in two sources, "retain" (theta_{k-1}: earlier forgotten concepts) and
+    "retain_base" (`anchor`, theta_0: the rest)."""
+    keep_teacher, _ = _teachers(teacher, anchor, cfg)
+    wanted = {"mapped": (prompts.mapped, keep_teacher)} if cfg.method in ("ca", "naive") else \
+        {"forget": (prompts.forget, teacher)}
     if cfg.l_pres > 0 and prompts.retain_prompts():
-        wanted["retain"] = prompts.retain_prompts()
+        if cfg.retain_teacher == "base":
+            kept, forgotten = anchored_retain(prompts)
+            wanted["retain"] = (forgotten, teacher)
+            wanted["retain_base"] = (kept, keep_teacher)
+        else:
+            wanted["retain"] = (prompts.retain_prompts(), teacher)
     sources: dict[str, ReplayBuffer | OnlineReplay] = {}
-    for i, (name, plist) in enumerate(wanted.items()):
+    for i, (name, (plist, model)) in enumerate(wanted.items()):
+        if not plist:
+            continue
         seed = cfg.seed * 1_000 + i
         if cfg.replay == "online":
-            sources[name] = OnlineReplay(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance)
+            sources[name] = OnlineReplay(model, plist, seed, cfg.replay_steps, cfg.replay_guidance)
         else:
-            buf = ReplayBuffer.generate(teacher, plist, seed, cfg.replay_steps, cfg.replay_guidance, cfg.replay_copies)
+            buf = ReplayBuffer.generate(model, plist, seed, cfg.replay_steps, cfg.replay_guidance, cfg.replay_copies)
             if buffers_dir is not None:
                 buf.save(Path(buffers_dir) / name)
             sources[name] = buf
@@ -126,26 +164,34 @@ def replay_sources(teacher, prompts: PromptSet, cfg: UnlearnConfig,
 
 
 def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | Path | None = None,
-            progress: bool = False, buffers: dict[str, ReplayBuffer] | None = None) -> StepResult:
+            progress: bool = False, buffers: dict[str, ReplayBuffer] | None = None, anchor=None) -> StepResult:
     """Forget `prompts.concept` starting from `teacher`; `teacher` is left untouched. `buffers`:
-    replay buffers prepared earlier (by `replay_sources` for the same teacher and prompts)."""
+    replay buffers prepared earlier (by `replay_sources` for the same teacher and prompts).
+    `anchor`: the base model, needed by `retain_teacher: base` (left untouched too)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     teacher.unet.eval().requires_grad_(False)
+    keep_teacher, _ = _teachers(teacher, anchor, cfg)
     student = teacher.copy()
     student.unet.train()
     params = select_parameters(student.unet, cfg.trainable)
-    anchor = ParameterAnchor(params)
+    start = ParameterAnchor(params)
     forget_loss = _forget_loss(cfg)
     needs_mapped = cfg.method in ("ca", "naive")
-    retain_prompts = prompts.retain_prompts()
-    use_retain = cfg.l_pres > 0 and retain_prompts
+    if cfg.retain_teacher == "base":
+        kept, gone = anchored_retain(prompts)
+        retain_pool = [("retain_base", p, i) for i, p in enumerate(kept)] + \
+            [("retain", p, i) for i, p in enumerate(gone)]
+    else:
+        retain_pool = [("retain", p, i) for i, p in enumerate(prompts.retain_prompts())]
+    retain_models = {"retain": teacher, "retain_base": keep_teacher}
+    use_retain = cfg.l_pres > 0 and bool(retain_pool)
     use_coverage = cfg.coverage and bool(prompts.coverage)
 
     # -- replay data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    sources = buffers if buffers is not None else replay_sources(teacher, prompts, cfg, buffers_dir)
+    sources = buffers if buffers is not None else replay_sources(teacher, prompts, cfg, buffers_dir, anchor)
     online = [s for s in sources.values() if isinstance(s, OnlineReplay)]
     replay_images = 0 if buffers is not None else sum(len(s) for s in sources.values() if isinstance(s, ReplayBuffer))
     seconds_replay = time.perf_counter() - t0
@@ -166,10 +212,17 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
                      sources["forget"].take(idx) if not needs_mapped else None,
                      sources["mapped"].take(idx) if needs_mapped else None)
 
-    def retain_batch() -> RetainBatch:
-        n = len(retain_prompts) * n_copies
-        idx = torch.randint(0, n, (cfg.retain_batch,), generator=gen).tolist()
-        return RetainBatch([retain_prompts[i // n_copies] for i in idx], sources["retain"].take(idx))
+    def retain_batches() -> list[tuple[object, RetainBatch, float]]:
+        """One retain batch drawn over all retain prompts, split by source: (teacher, batch, share)."""
+        idx = torch.randint(0, len(retain_pool) * n_copies, (cfg.retain_batch,), generator=gen).tolist()
+        out = []
+        for name in ("retain", "retain_base"):
+            picked = [(retain_pool[i // n_copies][1], retain_pool[i // n_copies][2] * n_copies + i % n_copies)
+                      for i in idx if retain_pool[i // n_copies][0] == name]
+            if picked:
+                batch = RetainBatch([p for p, _ in picked], sources[name].take([j for _, j in picked]))
+                out.append((retain_models[name], batch, len(picked) / len(idx)))
+        return out
 
     projector = None
     if cfg.projection:
@@ -179,32 +232,33 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     mask = None
     if cfg.selft_fraction is not None:
         importance = SelectiveMask.importance(
-            params, lambda: forget_loss(student, teacher, forget_batch(), gen), cfg.selft_batches)
+            params, lambda: forget_loss(student, keep_teacher, forget_batch(), gen), cfg.selft_batches)
         mask = SelectiveMask(params, importance, cfg.selft_fraction)
 
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, 0, cfg.steps) if cfg.lr_schedule == "cosine" else None
     history = []
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
-        terms = {"unl": forget_loss(student, teacher, forget_batch(), gen)}
+        terms = {"unl": forget_loss(student, keep_teacher, forget_batch(), gen)}
         if use_retain:
-            rb = retain_batch()
-            terms["pres"] = replay_loss(student, teacher, rb, gen, cfg.replay_uncond)
+            parts = retain_batches()
+            terms["pres"] = sum(share * replay_loss(student, t, rb, gen, cfg.replay_uncond) for t, rb, share in parts)
             if use_coverage:
-                terms["cover"] = coverage_loss(student, teacher, rb.x0, prompts.coverage, gen)
+                terms["cover"] = sum(share * coverage_loss(student, keep_teacher, rb.x0, prompts.coverage, gen)
+                                     for _, rb, share in parts)
         loss = cfg.l_unl * terms["unl"]
         if "pres" in terms:
             loss = loss + cfg.l_pres * terms["pres"]
         if "cover" in terms:
             loss = loss + cfg.l_pres * terms["cover"]
         if cfg.l_reg:
-            terms["reg"] = anchor.l2_sum()
+            terms["reg"] = start.l2_sum()
             loss = loss + cfg.l_reg * terms["reg"]
         if cfg.l2sp:
-            terms["l2sp"] = anchor.l2_mean()
+            terms["l2sp"] = start.l2_mean()
             loss = loss + cfg.l2sp * terms["l2sp"]
         if cfg.l1sp:
-            terms["l1sp"] = anchor.l1_mean()
+            terms["l1sp"] = start.l1_mean()
             loss = loss + cfg.l1sp * terms["l1sp"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,5 +279,5 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     seconds_train = time.perf_counter() - t1
     if online:  # online generation happened inside the loop (its time is in seconds_train)
         replay_images = sum(r.images_generated for r in online)
-    return StepResult(student, seconds_replay, seconds_train, replay_images, history, anchor.drift(),
+    return StepResult(student, seconds_replay, seconds_train, replay_images, history, start.drift(),
                       mask.trainable_fraction() if mask else 1.0)
