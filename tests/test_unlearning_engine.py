@@ -243,3 +243,27 @@ def test_base_retain_teacher_pulls_what_is_kept_back_to_the_base_model(tiny_worl
     assert gap(chained.student) == pytest.approx(gap(previous), rel=1e-6)
     for model, before in ((tiny_world_model, base_before), (previous, prev_before)):
         assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
+
+
+def test_forgotten_share_fixes_how_much_of_each_retain_batch_the_forgotten_concepts_get(tiny_world_model, text_encoder):
+    ps = build_prompt_set("circle", forgotten_before=["red"], surrogates=["square"], n_forget=4, n_per_retained=1,
+                          n_per_neighbour=1, n_per_forgotten=2, text_encoder=text_encoder)
+    taken: dict[str, list[int]] = {"retain": [], "retain_base": []}
+
+    class Recording(ReplayBuffer):
+        def __init__(self, name, prompts):
+            super().__init__(prompts, torch.zeros(len(prompts), 3, 32, 32))
+            self.name = name
+
+        def take(self, idx):
+            taken[self.name].append(len(idx))
+            return super().take(idx)
+
+    kept = [p for g, group in ps.retain.items() if g != "forgotten" for p in group]
+    buffers = {"forget": ReplayBuffer(ps.forget, torch.zeros(len(ps.forget), 3, 32, 32)),
+               "retain": Recording("retain", ps.retain["forgotten"]), "retain_base": Recording("retain_base", kept)}
+    cfg = UnlearnConfig(retain_teacher="base", forgotten_share=0.25, **{**FAST, "retain_batch": 8})
+    unlearn(tiny_world_model, ps, cfg, buffers=buffers, anchor=tiny_world_model)
+    assert taken == {"retain": [2] * FAST["steps"], "retain_base": [6] * FAST["steps"]}
+    with pytest.raises(ValueError, match="retain_teacher"):
+        UnlearnConfig(forgotten_share=0.25)

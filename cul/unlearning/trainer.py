@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cul.unlearning.methods import (
     Batch,
@@ -84,7 +84,17 @@ class UnlearnConfig(BaseModel):
     # who supplies the targets for what is kept: "previous" (DFR: theta_{k-1}) or "base" (theta_0;
     # earlier forgotten concepts still from theta_{k-1}); see the module docstring
     retain_teacher: Literal["previous", "base"] = "previous"
+    # with retain_teacher "base": the share of each retain batch given to the earlier forgotten
+    # concepts' prompts (None: drawn uniformly with the rest, about 4% per concept). Everything else
+    # now pulls toward theta_0, which still knows them, so their few prompts need a fixed voice.
+    forgotten_share: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _share_needs_base_teacher(self) -> "UnlearnConfig":
+        if self.forgotten_share is not None and self.retain_teacher != "base":
+            raise ValueError("forgotten_share only applies with retain_teacher: base")
+        return self
 
 
 @dataclass
@@ -212,9 +222,18 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
                      sources["forget"].take(idx) if not needs_mapped else None,
                      sources["mapped"].take(idx) if needs_mapped else None)
 
+    n_kept = sum(1 for src, _, _ in retain_pool if src == "retain_base") * n_copies
+    n_gone = len(retain_pool) * n_copies - n_kept
+    fixed_gone = round(cfg.forgotten_share * cfg.retain_batch) if cfg.forgotten_share and n_kept and n_gone else None
+
     def retain_batches() -> list[tuple[object, RetainBatch, float]]:
-        """One retain batch drawn over all retain prompts, split by source: (teacher, batch, share)."""
-        idx = torch.randint(0, len(retain_pool) * n_copies, (cfg.retain_batch,), generator=gen).tolist()
+        """One retain batch drawn over all retain prompts (or with `forgotten_share` of it from the
+        earlier forgotten concepts'), split by source: (teacher, batch, share)."""
+        if fixed_gone is None:
+            idx = torch.randint(0, len(retain_pool) * n_copies, (cfg.retain_batch,), generator=gen).tolist()
+        else:  # the pool lists the kept prompts first, then the forgotten ones
+            idx = torch.randint(0, n_kept, (cfg.retain_batch - fixed_gone,), generator=gen).tolist() + \
+                (n_kept + torch.randint(0, n_gone, (fixed_gone,), generator=gen)).tolist()
         out = []
         for name in ("retain", "retain_base"):
             picked = [(retain_pool[i // n_copies][1], retain_pool[i // n_copies][2] * n_copies + i % n_copies)
