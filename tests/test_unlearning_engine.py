@@ -1,6 +1,7 @@
 """The trainer and the sequence runner, on a tiny model (structure) and the base model (effect)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -267,3 +268,23 @@ def test_forgotten_share_fixes_how_much_of_each_retain_batch_the_forgotten_conce
     assert taken == {"retain": [2] * FAST["steps"], "retain_base": [6] * FAST["steps"]}
     with pytest.raises(ValueError, match="retain_teacher"):
         UnlearnConfig(forgotten_share=0.25)
+
+
+def test_mapped_forgotten_targets_swap_only_the_forgotten_concept(tiny_world_model, text_encoder):
+    """forgotten_target "mapped": the forgotten group's captions get a parallel copy with the earlier
+    concept replaced by its surrogate (drawn without changing any other prompt), and the trainer
+    refuses a prompt set without them."""
+    kw = dict(surrogates=["square"], n_forget=4, n_per_retained=1, n_per_neighbour=1, n_per_forgotten=3,
+              text_encoder=text_encoder)
+    plain = build_prompt_set("circle", forgotten_before=["red"], **kw)
+    mapped = build_prompt_set("circle", forgotten_before=["red"], forgotten_surrogates={"red": "teal"}, **kw)
+    assert mapped.retain == plain.retain and mapped.forget == plain.forget and not plain.forgotten_mapped
+    assert len(mapped.forgotten_mapped) == len(mapped.retain["forgotten"]) == 3
+    for p, m in zip(mapped.retain["forgotten"], mapped.forgotten_mapped):
+        assert "teal" in m and "teal" not in p and not re.search(r"\b(red|crimson)\b", m)
+    cfg = dict(retain_teacher="base", forgotten_target="mapped", **FAST)
+    with pytest.raises(ValueError, match="forgotten_mapped"):
+        unlearn(tiny_world_model, plain, UnlearnConfig(**cfg), anchor=tiny_world_model)
+    assert unlearn(tiny_world_model, mapped, UnlearnConfig(**cfg), anchor=tiny_world_model).history
+    with pytest.raises(ValueError, match="retain_teacher"):
+        UnlearnConfig(forgotten_target="mapped")

@@ -33,6 +33,7 @@ class Batch:
 class RetainBatch:
     prompts: list[str]
     x0: torch.Tensor
+    targets: list[str] | None = None  # the teacher's prompts, when not `prompts` (forgotten_target: mapped)
 
 
 def _noised(model, x0: torch.Tensor, gen: torch.Generator, t_max: int | None = None):
@@ -66,11 +67,13 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: 
     anchors it where the empty prompt itself is replayed."""
     x_t, t, _ = _noised(teacher, r.x0, gen)
     ctx = teacher.encode_prompts(r.prompts)
+    tctx = teacher.encode_prompts(r.targets) if r.targets is not None else ctx
     if uncond:
         ctx = torch.cat([ctx, teacher.encode_prompts([""]).expand_as(ctx)])
+        tctx = torch.cat([tctx, teacher.encode_prompts([""]).expand_as(tctx)])
         x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
     with torch.no_grad():
-        target = teacher.predict_noise(x_t, t, ctx)
+        target = teacher.predict_noise(x_t, t, tctx)
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 

@@ -50,6 +50,9 @@ class PromptSet:
     retain: dict[str, list[str]] = field(default_factory=dict)  # group -> prompts
     # captions of many clean scenes, no images: targets of the coverage term (see coverage_loss)
     coverage: list[str] = field(default_factory=list)
+    # parallel to retain["forgotten"] when built with `forgotten_surrogates`: the same captions with
+    # each earlier forgotten concept replaced by its surrogate (targets of forgotten_target: mapped)
+    forgotten_mapped: list[str] = field(default_factory=list)
 
     def retain_prompts(self) -> list[str]:
         return [p for group in self.retain.values() for p in group]
@@ -119,9 +122,11 @@ def build_prompt_set(
     n_coverage: int = 256,
     text_encoder=None,
     seed: int = 0,
+    forgotten_surrogates: dict[str, str] | None = None,
 ) -> PromptSet:
     """Prompts for forgetting `name` after `forgotten_before`. Surrogates must be chosen already
-    (see `rank_surrogates`); they are assigned to forget prompts in turn."""
+    (see `rank_surrogates`); they are assigned to forget prompts in turn. `forgotten_surrogates`
+    (earlier concept -> its surrogate) also gives the forgotten group mapped captions."""
     c = concept(name)
     kind = c.kind
     rng = np.random.default_rng(seed)
@@ -173,15 +178,21 @@ def build_prompt_set(
         for i in rng.permutation(len(clean))[:6]:
             s = clean[i]
             retain["unrelated"].append(fill(templates[0], o=s.object, c=s.colour, t=s.texture))
+    forgotten_mapped = []
     for f in forgotten_before:
         fk = concept(f).kind
         pool = _clean_scenes(gone, required=(fk, f))
+        swap = (fk, forgotten_surrogates[f]) if forgotten_surrogates else None
         for i in rng.permutation(len(pool))[:n_per_forgotten]:
-            retain["forgotten"].append(scene_prompt(pool[i], rng)[0])
+            prompt, swapped = scene_prompt(pool[i], rng, swap=swap)  # the same draws with or without swap
+            retain["forgotten"].append(prompt)
+            if swapped is not None:
+                forgotten_mapped.append(swapped)
     # coverage: its own stream, so the groups above stay what they were before it existed
     crng = np.random.default_rng([seed, 1])
     coverage = [scene_prompt(clean[i], crng)[0] for i in crng.permutation(len(clean))[:n_coverage]]
-    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain, coverage)
+    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain, coverage,
+                     forgotten_mapped)
 
 
 @torch.no_grad()

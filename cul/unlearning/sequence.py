@@ -121,7 +121,14 @@ def prepare_step(model, request: Request, forgotten: list[str], spec: MethodSpec
     r = resolve_request(request, forgotten)
     surrogates = choose_surrogates(model, r.concept, forgotten, r.surrogates, spec.n_surrogates,
                                    spec.surrogate_neighbours)
-    return build_prompt_set(r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed)
+    earlier = None
+    if spec.unlearn.forgotten_target == "mapped":
+        # what `model` (theta_{k-1}) now draws for each earlier concept, named: the candidate whose
+        # noise predictions are closest to the forgotten concept's under it
+        gone = forgotten + [r.concept]
+        earlier = {f: choose_surrogates(model, f, gone, [], 1, spec.surrogate_neighbours)[0] for f in forgotten}
+    return build_prompt_set(r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed,
+                            forgotten_surrogates=earlier)
 
 
 def merge_prompt_sets(sets: list[PromptSet]) -> PromptSet:

@@ -88,12 +88,19 @@ class UnlearnConfig(BaseModel):
     # concepts' prompts (None: drawn uniformly with the rest, about 4% per concept). Everything else
     # now pulls toward theta_0, which still knows them, so their few prompts need a fixed voice.
     forgotten_share: float | None = Field(None, gt=0, lt=1)
+    # with retain_teacher "base", the targets of the earlier forgotten concepts' prompts: "previous"
+    # (theta_{k-1} on the same prompt) or "mapped" (theta_0 on the prompt with the concept replaced
+    # by a surrogate, as the forget term does): then every target of a step comes from theta_0
+    forgotten_target: Literal["previous", "mapped"] = "previous"
     seed: int = 0
 
     @model_validator(mode="after")
-    def _share_needs_base_teacher(self) -> "UnlearnConfig":
-        if self.forgotten_share is not None and self.retain_teacher != "base":
-            raise ValueError("forgotten_share only applies with retain_teacher: base")
+    def _options_need_base_teacher(self) -> "UnlearnConfig":
+        if self.retain_teacher != "base":
+            if self.forgotten_share is not None:
+                raise ValueError("forgotten_share only applies with retain_teacher: base")
+            if self.forgotten_target != "previous":
+                raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
         return self
 
 
@@ -196,6 +203,13 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     else:
         retain_pool = [("retain", p, i) for i, p in enumerate(prompts.retain_prompts())]
     retain_models = {"retain": teacher, "retain_base": keep_teacher}
+    gone_targets = None
+    if cfg.forgotten_target == "mapped":
+        gone_targets = prompts.forgotten_mapped
+        if len(gone_targets) != len(prompts.retain.get("forgotten", [])):
+            raise ValueError("forgotten_target 'mapped' needs the prompt set's forgotten_mapped captions "
+                             "(build it with forgotten_surrogates)")
+        retain_models["retain"] = keep_teacher
     use_retain = cfg.l_pres > 0 and bool(retain_pool)
     use_coverage = cfg.coverage and bool(prompts.coverage)
 
@@ -239,7 +253,9 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
             picked = [(retain_pool[i // n_copies][1], retain_pool[i // n_copies][2] * n_copies + i % n_copies)
                       for i in idx if retain_pool[i // n_copies][0] == name]
             if picked:
-                batch = RetainBatch([p for p, _ in picked], sources[name].take([j for _, j in picked]))
+                targets = [gone_targets[j // n_copies] for _, j in picked] if name == "retain" and gone_targets \
+                    is not None else None
+                batch = RetainBatch([p for p, _ in picked], sources[name].take([j for _, j in picked]), targets)
                 out.append((retain_models[name], batch, len(picked) / len(idx)))
         return out
 
