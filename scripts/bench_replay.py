@@ -46,12 +46,12 @@ def main() -> None:
 
     buffer_cfg = spec.unlearn.model_copy(update={"replay": "buffer", "seed": 101})
     t0 = time.perf_counter()
-    buffered = unlearn(base, prompts, buffer_cfg)
+    buffered = unlearn(base, prompts, buffer_cfg, anchor=base)
     buffer_wall = time.perf_counter() - t0
 
     online_cfg = spec.unlearn.model_copy(update={"replay": "online", "steps": args.online_steps, "seed": 101})
     t0 = time.perf_counter()
-    online = unlearn(base, prompts, online_cfg)
+    online = unlearn(base, prompts, online_cfg, anchor=base)
     online_wall = time.perf_counter() - t0
     per_step = online.seconds_train / args.online_steps
     online_request = online.seconds_replay + per_step * steps

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 CUL=${CUL:-.venv/bin/cul}
 STRIDE=${STRIDE:-4}  # 128 balanced scenes for UA/RA, plus the fixed 200-image FD set
 methods=("$@")
-[ ${#methods[@]} -gt 0 ] || methods=(dfr naive ca esd ca+gradient_projection ca+l2sp ca+selft dfr+gradient_projection simultaneous dfr_online)
+[ ${#methods[@]} -gt 0 ] || methods=(dfr dfr_chain naive ca esd ca+gradient_projection ca+l2sp ca+selft dfr+gradient_projection simultaneous dfr_online)
 for m in "${methods[@]}"; do
   extra=()
   [ "$m" = dfr_online ] && extra=(--max-steps 3)  # online replay: 3 requests are enough for the cost comparison

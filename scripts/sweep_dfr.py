@@ -61,7 +61,7 @@ def main() -> None:
             spec = spec.model_copy(update={**spec_over, "unlearn": spec.unlearn.model_copy(update=cfg_over)})
             t0 = time.perf_counter()
             ps = prepare_step(base, Request(concept=concept), [], spec, seed=1)
-            result = unlearn(base, ps, spec.unlearn)
+            result = unlearn(base, ps, spec.unlearn, anchor=base)
             m = evaluator(result.student, [concept])
             row = {"variant": variant, "concept": concept, "surrogates": ps.surrogates,
                    **{k: m[k] for k in ("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd_ratio")},

@@ -1,6 +1,7 @@
 """The erasers: one request's training objective, each a step theta_{k-1} -> theta_k.
 
-Every loss reads the frozen teacher (the previous model) and the student (a copy being trained):
+Every loss reads a frozen teacher (the previous model; the base model for what a step keeps
+under `retain_teacher: base`, see trainer.py) and the student (a copy being trained):
 
 - `dfr`: trajectory re-steering on forget prompts (student eps for p_f matches the teacher's eps
   for the mapped prompt p_m, t < T_max) + generative replay distillation on retain prompts
