@@ -5,7 +5,7 @@ floor of the measurement: FD of the *same* model with other generation seeds, an
 draw of real images. This script measures both for the base model and, optionally, for benchmark
 steps, on exactly the set `cul bench` uses (fd_scenes of the default sequence, 200 images).
 
-Run: python scripts/fd_noise.py [--weights reports/benchmark/dfr/steps/01/unet ...] [--seeds 3]
+Run: python scripts/fd_noise.py [--weights reports/benchmark/dfr_chain/steps/01/unet ...] [--seeds 3]
      -> reports/benchmark/fd_noise.json
 """
 

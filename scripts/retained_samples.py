@@ -2,8 +2,8 @@
 seeds. FD says *that* retained images changed; this shows *how* (a hue shift, a darker
 background, a new artefact).
 
-Run: python scripts/retained_samples.py --run reports/benchmark/dfr --step 2
-     -> reports/benchmark/dfr/retained_step02.png
+Run: python scripts/retained_samples.py --run reports/benchmark/dfr_chain --step 2
+     -> reports/benchmark/dfr_chain/retained_step02.png
 """
 
 from __future__ import annotations
