@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cul.unlearning.prompts import build_prompt_set
+from cul.unlearning.prompts import PromptSet, build_prompt_set
 from cul.unlearning.replay import ReplayBuffer
 from cul.unlearning.request import Request
 from cul.unlearning.sequence import EvalSpec, Evaluator, MethodSpec, run_sequence
@@ -99,7 +99,9 @@ def test_one_dfr_step_lowers_the_forgotten_concepts_judge_score(base_model, judg
 
 
 def test_two_request_smoke_run_resumes_and_writes_results(base_model, judge, tmp_path):
-    spec = MethodSpec(unlearn=UnlearnConfig(method="dfr", **FAST), n_surrogates=2)
+    # the default recipe's knobs: every target from the base model, earlier concepts mapped
+    anchored = dict(retain_teacher="base", forgotten_share=0.25, forgotten_target="mapped")
+    spec = MethodSpec(unlearn=UnlearnConfig(method="dfr", **FAST, **anchored), n_surrogates=2)
     evaluator = Evaluator(judge, EvalSpec(stride=32))
     requests = [Request(concept="circle", kind="object"), Request(concept="red", kind="colour")]
     first = run_sequence(base_model, evaluator, requests, spec, tmp_path, max_steps=1, progress=False, log=lambda m: None)
@@ -113,6 +115,9 @@ def test_two_request_smoke_run_resumes_and_writes_results(base_model, judge, tmp
         assert key in stored[-1]
     assert 0 <= stored[-1]["ua"] <= 1 and stored[-1]["drift"] > 0
     assert (tmp_path / "steps" / "02" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    second = PromptSet.load(tmp_path / "steps" / "02" / "prompts.json")
+    gone = second.retain["forgotten"]  # circle's captions, and their targets with circle swapped out
+    assert gone and len(second.forgotten_mapped) == len(gone) and second.forgotten_mapped != gone
     # a clone has results.json but not the (uncommitted) weights: start over instead of failing
     import shutil
 

@@ -8,8 +8,12 @@ buffer generated once (default) or from DFR's online per-step generation (`repla
 instead of theta_{k-1}. DFR's chain theta_0 -> theta_1 -> ... copies each step's small errors on
 retained concepts into the next teacher, so they compound with the number of requests; anchoring
 the retained prompts (neighbours, other concepts, unrelated captions) and the surrogate targets
-to theta_0 stops the chain there. Only the prompts of earlier forgotten concepts still come from
-theta_{k-1}, which is the one model that has them forgotten.
+to theta_0 stops the chain there. The prompts of earlier forgotten concepts are the exception:
+theta_0 still draws those concepts. By default (`forgotten_target: previous`) their targets come
+from theta_{k-1}, the one model that has them forgotten, which lets its drift back through;
+`forgotten_target: mapped` (the `dfr` default in params.yaml) distils them toward theta_0 on the
+same caption with the concept swapped for the surrogate theta_{k-1} now draws for it, so every
+target of a step comes from theta_0, and `forgotten_share` fixes their part of each retain batch.
 """
 
 from __future__ import annotations
