@@ -117,11 +117,19 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    # more methods than a default colour cycle has colours: a 20-colour map plus line styles, so
+    # no two methods look alike
+    colours = plt.get_cmap("tab20").colors
+    styles = [dict(color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], linestyle=("-", "--", ":")[i // 10 % 3],
+                   marker="os^D"[i % 4]) for i in range(len(runs))]
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
-        for name, results in runs.items():
+        for style, (name, results) in zip(styles, runs.items()):
             pts = [(r["step"], r[key] * scale) for r in results if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+                ax.plot(*zip(*pts), ms=3, label=name, **style)
+        if key == "fd_ratio":  # collapsing methods reach 100x; the targets live near 1x
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("request")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
