@@ -120,7 +120,7 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     # more methods than a default colour cycle has colours: a 20-colour map plus line styles, so
     # no two methods look alike
     colours = plt.get_cmap("tab20").colors
-    styles = [dict(color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], linestyle=("-", "--", ":")[i // 10 % 3],
+    styles = [dict(color=colours[(2 * i + i // 10) % 20], linestyle=("-", "--", ":")[i // 10 % 3],
                    marker="os^D"[i % 4]) for i in range(len(runs))]
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
         for style, (name, results) in zip(styles, runs.items()):

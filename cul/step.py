@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cul.config import Params
 from cul.unlearning.request import Request
-from cul.unlearning.sequence import EvalSpec, MethodSpec
+from cul.unlearning.sequence import EvalSpec, MethodSpec, request_config
 
 STEPS_FILE = Path("requests/steps.yaml")
 
@@ -147,7 +147,7 @@ def _anchor(spec: StepSpec, params: Params):
 
 
 def _train_config(spec: StepSpec):
-    return spec.spec.unlearn.model_copy(update={"seed": spec.spec.unlearn.seed * 100 + spec.seed})
+    return request_config(spec.spec.unlearn, spec.seed)
 
 
 def load_buffers(data_dir: Path, spec: StepSpec) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from cul.config import Params
 from cul.models import load_model
-from cul.unlearning.sequence import load_sequence, prepare_step, step_unet
+from cul.unlearning.sequence import load_sequence, prepare_step, request_config, step_unet
 from cul.unlearning.trainer import unlearn
 
 
@@ -58,8 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         prompts = prepare_step(start, requests[k - 1], forgotten, spec, seed=k)
         prepare = time.perf_counter() - t0
-        cfg = spec.unlearn.model_copy(update={"seed": spec.unlearn.seed * 100 + k})
-        result = unlearn(start, prompts, cfg, anchor=base)
+        result = unlearn(start, prompts, request_config(spec.unlearn, k), anchor=base)
         total = time.perf_counter() - t0
         row = {"request": k, "concept": prompts.concept, "forgotten_before": len(forgotten),
                "seconds_prepare": round(prepare, 1), "seconds_replay": round(result.seconds_replay, 1),

@@ -117,6 +117,12 @@ def choose_surrogates(model, name: str, forgotten: list[str], hints: list[str], 
     return (list(hints) + ranked)[:n]
 
 
+def request_config(cfg: UnlearnConfig, k: int) -> UnlearnConfig:
+    """Request k's training settings: its own seed, so a resumed, re-timed or pipeline step draws
+    what the benchmark's step k drew."""
+    return cfg.model_copy(update={"seed": cfg.seed * 100 + k})
+
+
 def prepare_step(model, request: Request, forgotten: list[str], spec: MethodSpec, seed: int) -> PromptSet:
     r = resolve_request(request, forgotten)
     surrogates = choose_surrogates(model, r.concept, forgotten, r.surrogates, spec.n_surrogates,
@@ -278,7 +284,7 @@ def run_sequence(base_model, evaluator: Evaluator, requests: list[Request], spec
             cfg = spec.unlearn.model_copy(update={"steps": spec.unlearn.steps * len(names)})
         else:
             train_set, cfg = ps, spec.unlearn
-        cfg = cfg.model_copy(update={"seed": spec.unlearn.seed * 100 + k})
+        cfg = request_config(cfg, k)
         result = unlearn(start, train_set, cfg, progress=progress, anchor=base_model)
         student = result.student
         if spec.mode == "ties":
