@@ -293,3 +293,26 @@ def test_mapped_forgotten_targets_swap_only_the_forgotten_concept(tiny_world_mod
     assert unlearn(tiny_world_model, mapped, UnlearnConfig(**cfg), anchor=tiny_world_model).history
     with pytest.raises(ValueError, match="retain_teacher"):
         UnlearnConfig(forgotten_target="mapped")
+
+
+@pytest.mark.parametrize("path, alone", [("benchmarks/default-sequence.yaml", {"triangle"}),
+                                         ("benchmarks/heldout-sequence.yaml", set())])
+def test_shipped_sequences_are_valid_and_keep_a_confusable_of_every_request(path, alone):
+    """What the sequence files promise: ten requests that resolve one after another, a fixed FD set
+    left to draw, and a confusable neighbour still retained for every forgotten concept but the
+    ones the file names (`alone`)."""
+    from pathlib import Path
+
+    from cul.unlearning.request import resolve_request
+    from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
+    from cul.world import CONFUSABLES
+
+    root = Path(__file__).resolve().parents[1]
+    requests = load_sequence(root / path)
+    assert len(requests) == 10
+    gone: list[str] = []
+    for r in requests:
+        gone.append(resolve_request(r, gone).concept)
+    assert sequence_concepts(requests) == gone
+    assert fd_scenes(gone, 200)
+    assert {c for c in gone if not set(CONFUSABLES[c]) - set(gone)} == alone
