@@ -6,7 +6,7 @@ seed, which cannot separate methods a fraction of a point apart. This loads a st
 (same fixed FD scene set) at the stride and for each seed given; the base model is judged at the
 same settings, so each FD ratio has its own reference.
 
-Run: python scripts/reeval_steps.py --runs reports/benchmark/dfr+gradient_projection reports/benchmark/ca+gradient_projection \
+Run: python scripts/reeval_steps.py --runs reports/benchmark/dfr_chain+gradient_projection reports/benchmark/ca+gradient_projection \
         --stride 1 --seeds 1234 --out reports/benchmark/reeval_stride1.json
 """
 
