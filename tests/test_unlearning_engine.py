@@ -301,14 +301,13 @@ def test_shipped_sequences_are_valid_and_keep_a_confusable_of_every_request(path
     """What the sequence files promise: ten requests that resolve one after another, a fixed FD set
     left to draw, and a confusable neighbour still retained for every forgotten concept but the
     ones the file names (`alone`)."""
-    from pathlib import Path
+    from conftest import ROOT
 
     from cul.unlearning.request import resolve_request
     from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
     from cul.world import CONFUSABLES
 
-    root = Path(__file__).resolve().parents[1]
-    requests = load_sequence(root / path)
+    requests = load_sequence(ROOT / path)
     assert len(requests) == 10
     gone: list[str] = []
     for r in requests:

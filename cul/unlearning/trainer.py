@@ -65,7 +65,8 @@ class UnlearnConfig(BaseModel):
     weight_decay: float = 0.0
     # AdamW's epsilon. Most per-parameter gradients of a step are noise (|mean| / rms about 0.16 at
     # the median), and Adam scales each to a full lr-sized update: a larger epsilon damps parameters
-    # whose gradients are below it, so only those the losses agree on move far
+    # whose gradients are below it, so only those the losses agree on move far (tried for FD: it did
+    # not lower it; reports/benchmark/README.md, experiments)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = 1.0
     t_max: int = Field(600, ge=1, le=1000)
