@@ -209,3 +209,20 @@ def test_trainable_sets(tiny_world_model):
 
 def test_resolve_still_works_for_held_out_words():
     assert resolve("lattice").name == "grid"
+
+
+def test_tail_average_returns_the_mean_of_the_averaged_iterates_only():
+    from cul.unlearning.trainer import TailAverage
+
+    w = nn.Parameter(torch.zeros(3))
+    avg = TailAverage({"w": w}, first_step=2)
+    seen = []
+    for step, value in enumerate([5.0, 7.0, 1.0, 2.0, 6.0]):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.update(step)
+        if step >= 2:
+            seen.append(value)
+    avg.apply()
+    assert torch.allclose(w.detach(), torch.full((3,), sum(seen) / len(seen)))  # 3.0, not the last iterate 6.0
+    assert seen == [1.0, 2.0, 6.0]

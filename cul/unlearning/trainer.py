@@ -69,6 +69,11 @@ class UnlearnConfig(BaseModel):
     # not lower it; reports/benchmark/README.md, experiments)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = 1.0
+    # share of the last training steps whose iterates are averaged into the returned weights (Polyak /
+    # SWA tail averaging; 0: the last iterate). Adam's per-step noise moves every scene a little and
+    # the base model itself is an EMA of its pretraining iterates; the average keeps the direction
+    # the losses agree on and cancels much of that noise
+    tail_average: float = Field(0.0, ge=0, lt=1)
     t_max: int = Field(600, ge=1, le=1000)
     l_unl: float = 1.0
     l_pres: float = 10.0  # replay distillation weight (0: no retain term)
@@ -126,6 +131,29 @@ class StepResult:
     @property
     def seconds(self) -> float:
         return self.seconds_replay + self.seconds_train
+
+
+class TailAverage:
+    """Running mean of the trainable parameters over the steps from `first_step` on."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], first_step: int) -> None:
+        self.params, self.first_step, self.count = params, first_step, 0
+        self.mean = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step < self.first_step:
+            return
+        self.count += 1
+        for n, p in self.params.items():
+            self.mean[n].add_(p.detach() - self.mean[n], alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Write the mean into the parameters (a no-op before the first averaged step)."""
+        if self.count:
+            for n, p in self.params.items():
+                p.copy_(self.mean[n])
 
 
 def _forget_loss(cfg: UnlearnConfig):
@@ -281,6 +309,8 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
 
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = get_cosine_schedule_with_warmup(opt, 0, cfg.steps) if cfg.lr_schedule == "cosine" else None
+    averager = TailAverage(params, first_step=round(cfg.steps * (1 - cfg.tail_average))) \
+        if cfg.tail_average else None
     history = []
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method}: forget {prompts.concept}", disable=not progress):
         terms = {"unl": forget_loss(student, keep_teacher, forget_batch(), gen)}
@@ -317,8 +347,12 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
             sched.step()
         if mask is not None:
             mask.restore()
+        if averager is not None:
+            averager.update(step)
         if step % 10 == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+    if averager is not None:
+        averager.apply()
     student.unet.eval().requires_grad_(False)
     seconds_train = time.perf_counter() - t1
     if online:  # online generation happened inside the loop (its time is in seconds_train)
