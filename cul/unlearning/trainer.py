@@ -134,7 +134,9 @@ class StepResult:
 
 
 class TailAverage:
-    """Running mean of the trainable parameters over the steps from `first_step` on."""
+    """Running mean of the trainable parameters over the steps from `first_step` on. Not torch's
+    `swa_utils.AveragedModel`, which copies the whole module: this keeps only what trains (the
+    cross-attention K/V subset on SD is a small part of its UNet)."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], first_step: int) -> None:
         self.params, self.first_step, self.count = params, first_step, 0
