@@ -140,10 +140,12 @@ def prepare_data(spec: StepSpec, params: Params, out_data: Path | None = None):
 
 
 def _anchor(spec: StepSpec, params: Params):
-    """The base model, when the method distils what it keeps from it (`retain_teacher: base`)."""
+    """The base model, when the method distils what it keeps from it (`retain_teacher: base`) or
+    pulls its weights toward it (`reg_reference: base`)."""
     from cul.models import load_model
 
-    return load_model(params.paths.base_model) if _train_config(spec).retain_teacher == "base" else None
+    cfg = _train_config(spec)
+    return load_model(params.paths.base_model) if "base" in (cfg.retain_teacher, cfg.reg_reference) else None
 
 
 def _train_config(spec: StepSpec):

@@ -251,6 +251,30 @@ def test_base_retain_teacher_pulls_what_is_kept_back_to_the_base_model(tiny_worl
         assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
 
 
+def test_reg_reference_base_pulls_toward_theta_0_where_the_previous_reference_does_not(tiny_world_model, small_prompts):
+    torch.manual_seed(2)
+    previous = tiny_world_model.copy()
+    with torch.no_grad():
+        for p in previous.unet.parameters():
+            p.add_(0.05 * p.std().nan_to_num(0.01) * torch.randn_like(p))
+    base = {n: p.detach().clone() for n, p in tiny_world_model.unet.named_parameters()}
+
+    def distance(model) -> float:
+        return float(sum(((p - base[n]) ** 2).sum() for n, p in model.unet.named_parameters()).sqrt())
+
+    cfg = dict(method="dfr", l_unl=0.0, l_pres=0.0, l_reg=0.0, l2sp=1e4, **{**FAST, "steps": 20}, lr=1e-3)
+    with pytest.raises(ValueError, match="needs a penalty"):
+        UnlearnConfig(method="dfr", l_reg=0.0, reg_reference="base")
+    with pytest.raises(ValueError, match="base model"):
+        unlearn(previous, small_prompts, UnlearnConfig(reg_reference="base", **cfg))
+    pulled = unlearn(previous, small_prompts, UnlearnConfig(reg_reference="base", **cfg), anchor=tiny_world_model)
+    kept = unlearn(previous, small_prompts, UnlearnConfig(**cfg))
+    # L2SP to theta_{k-1} has zero gradient at the start: nothing moves; to theta_0 it closes the gap
+    assert distance(kept.student) == pytest.approx(distance(previous), rel=1e-6)
+    assert distance(pulled.student) < 0.8 * distance(previous)
+    assert all(torch.equal(p, base[n]) for n, p in tiny_world_model.unet.named_parameters())
+
+
 def test_forgotten_share_fixes_how_much_of_each_retain_batch_the_forgotten_concepts_get(tiny_world_model, text_encoder):
     ps = build_prompt_set("circle", forgotten_before=["red"], surrogates=["square"], n_forget=4, n_per_retained=1,
                           n_per_neighbour=1, n_per_forgotten=2, text_encoder=text_encoder)

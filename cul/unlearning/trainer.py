@@ -91,6 +91,11 @@ class UnlearnConfig(BaseModel):
     push: float = 0.0  # dfr: extra push of the re-steering target away from the concept (0 = DFR)
     l1sp: float = 0.0
     l2sp: float = 0.0
+    # the weights L_reg, L1SP and L2SP pull toward: "previous" (the request's start theta_{k-1}, as DFR
+    # and CUR do) or "base" (theta_0, L2-SP's original starting point). A pull toward theta_{k-1}
+    # resets every request, so changes no loss asks for still add up from one request to the next
+    # (drift grows like a random walk); a pull toward theta_0 takes them back
+    reg_reference: Literal["previous", "base"] = "previous"
     selft_fraction: float | None = None
     selft_batches: int = 4
     projection: bool = False
@@ -115,6 +120,12 @@ class UnlearnConfig(BaseModel):
                 raise ValueError("forgotten_share only applies with retain_teacher: base")
             if self.forgotten_target != "previous":
                 raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_needs_a_penalty(self) -> "UnlearnConfig":
+        if self.reg_reference == "base" and not (self.l_reg or self.l1sp or self.l2sp):
+            raise ValueError("reg_reference: base needs a penalty to apply it to (l_reg, l1sp or l2sp)")
         return self
 
 
@@ -233,6 +244,11 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
     student.unet.train()
     params = select_parameters(student.unet, cfg.trainable)
     start = ParameterAnchor(params)
+    reg = start
+    if cfg.reg_reference == "base":
+        if anchor is None:
+            raise ValueError("reg_reference 'base' needs the base model: pass anchor=<base model>")
+        reg = ParameterAnchor(params, dict(anchor.unet.named_parameters()))
     forget_loss = _forget_loss(cfg)
     needs_mapped = cfg.method in ("ca", "naive")
     if cfg.retain_teacher == "base":
@@ -328,13 +344,13 @@ def unlearn(teacher, prompts: PromptSet, cfg: UnlearnConfig, buffers_dir: str | 
         if "cover" in terms:
             loss = loss + cfg.l_pres * terms["cover"]
         if cfg.l_reg:
-            terms["reg"] = start.l2_sum()
+            terms["reg"] = reg.l2_sum()
             loss = loss + cfg.l_reg * terms["reg"]
         if cfg.l2sp:
-            terms["l2sp"] = start.l2_mean()
+            terms["l2sp"] = reg.l2_mean()
             loss = loss + cfg.l2sp * terms["l2sp"]
         if cfg.l1sp:
-            terms["l1sp"] = start.l1_mean()
+            terms["l1sp"] = reg.l1_mean()
             loss = loss + cfg.l1sp * terms["l1sp"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
