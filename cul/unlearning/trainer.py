@@ -14,6 +14,13 @@ from theta_{k-1}, the one model that has them forgotten, which lets its drift ba
 `forgotten_target: mapped` (the `dfr` default in params.yaml) distils them toward theta_0 on the
 same caption with the concept swapped for the surrogate theta_{k-1} now draws for it, so every
 target of a step comes from theta_0, and `forgotten_share` fixes their part of each retain batch.
+
+The weights are anchored to theta_0 too (`reg_reference: base` with `l2sp`, in the `dfr` default):
+targets from theta_0 stop errors from compounding, but every step still moves weights no loss asks
+for, and an L2 pull toward each step's own start forgets those moves at the next request, so the
+distance from theta_0 grows like a random walk. L2SP toward theta_0 takes them back. Each step
+returns the mean of its last training iterates (`tail_average`), which cancels the rest of that
+noise within the step.
 """
 
 from __future__ import annotations
