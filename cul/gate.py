@@ -2,7 +2,7 @@
 
 Pure: it reads metric dicts (the output of `cul.unlearning.sequence.Evaluator`) and returns a
 `Verdict` with every check and a reason for each failure. What to do on failure (retry with a
-stronger retention recipe, then send the request to review) is the `EscalationPolicy`.
+recipe stronger where the check failed, then send the request to review) is the `EscalationPolicy`.
 """
 
 from __future__ import annotations
@@ -117,24 +117,44 @@ class Gate:
         return Verdict(accepted=all(x.passed for x in checks), checks=checks)
 
 
+def forgetting_checks_only(failed: list[str]) -> bool:
+    """True when every failed check is about forgetting (UA of this request or of an earlier one)."""
+    return bool(failed) and all(name == "ua" or name.startswith("ua:") for name in failed)
+
+
 class EscalationPolicy(BaseModel):
-    """How a rejected attempt is retried: retention and regularization weights multiplied, more
-    steps; attempt 0 is the configured recipe. After `max_attempts` the request goes to review."""
+    """How a rejected attempt is retried; attempt 0 is the configured recipe. After `max_attempts`
+    the request goes to review.
+
+    The retry goes the way of the checks the last attempt failed. Retention or image quality:
+    retention and regularization weights multiplied, more steps. Forgetting only (a concept not
+    erased, or an earlier one back): the forget term's weight multiplied, more steps, and the
+    earlier forgotten concepts' share of each retain batch raised, with the regularizers left as
+    they are, since a stronger pull toward earlier weights is what lets a concept come back."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_attempts: int = Field(3, ge=1)
     retention_factor: float = Field(2.0, ge=1)  # l_pres (replay distillation)
     regularization_factor: float = Field(3.0, ge=1)  # l_reg, l2sp, l1sp
+    forgetting_factor: float = Field(2.0, ge=1)  # l_unl and forgotten_share, when only forgetting failed
     steps_factor: float = Field(1.5, ge=1)
 
-    def config_for(self, base: UnlearnConfig, attempt: int) -> UnlearnConfig:
+    def config_for(self, base: UnlearnConfig, attempt: int, failed: list[str] | None = None) -> UnlearnConfig:
+        """`failed`: names of the checks the previous attempt failed (`Check.name`)."""
         if attempt < 0 or attempt >= self.max_attempts:
             raise ValueError(f"attempt {attempt} outside 0..{self.max_attempts - 1}")
         if attempt == 0:
             return base
-        r, g, s = self.retention_factor ** attempt, self.regularization_factor ** attempt, self.steps_factor ** attempt
+        steps = int(round(base.steps * self.steps_factor ** attempt))
+        if forgetting_checks_only(failed or []):
+            f = self.forgetting_factor ** attempt
+            update = {"l_unl": base.l_unl * f, "steps": steps}
+            if base.forgotten_share is not None and any(n.startswith("ua:") for n in failed or []):
+                update["forgotten_share"] = min(0.5, base.forgotten_share * f)
+            return base.model_copy(update=update)
+        r, g = self.retention_factor ** attempt, self.regularization_factor ** attempt
         return base.model_copy(update={
             "l_pres": base.l_pres * r, "l_reg": base.l_reg * g, "l2sp": base.l2sp * g, "l1sp": base.l1sp * g,
-            "steps": int(round(base.steps * s)),
+            "steps": steps,
         })

@@ -159,9 +159,9 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
     if not (Path(data_dir) / "prompts.json").exists():  # cached result but the folder was cleaned
         data_dir = prepare_step_data.with_options(refresh_cache=True)(
             data_spec.model_dump_json(exclude={"attempt"}), params.model_dump_json(), _tree_hash(parent))
-    rows, verdict, metrics, spec, attempt_run = [], None, None, base_spec, None
+    rows, verdict, metrics, spec, attempt_run, failed = [], None, None, base_spec, None, []
     for attempt in range(pl.escalation.max_attempts):
-        cfg = pl.escalation.config_for(method.unlearn, attempt)
+        cfg = pl.escalation.config_for(method.unlearn, attempt, failed)
         spec = base_spec.model_copy(update={"attempt": attempt, "spec": method.model_copy(update={"unlearn": cfg})})
         attempt_run = tracker.open_attempt(run_id, attempt, {"method": pl.method, **cfg.model_dump(),
                                                              "parent": parent, "forgotten": forgotten})
@@ -172,13 +172,15 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
         v = Verdict.model_validate(verdict)
         tracker.log_attempt(attempt_run, metrics, v, spec.report_dir)
         tracker.close(attempt_run)
-        rows.append({"attempt": attempt, "l_pres": cfg.l_pres, "l_reg": cfg.l_reg, "steps": cfg.steps,
+        rows.append({"attempt": attempt, "l_unl": cfg.l_unl, "l_pres": cfg.l_pres, "l_reg": cfg.l_reg,
+                     "l2sp": cfg.l2sp, "steps": cfg.steps,
                      "UA": _pct(metrics["ua"]), "RA-I": _pct(metrics["ra_in"]), "RA-C": _pct(metrics["ra_cross"]),
                      "RA-N": _pct(metrics["ra_neighbour"]), "FD ratio": f"{metrics.get('fd_ratio') or 0:.2f}",
                      "seconds": round(time.perf_counter() - t0, 1), "verdict": v.summary()})
         logger.info(f"{request_id} attempt {attempt}: {v.summary()}")
         if v.accepted:
             break
+        failed = [c.name for c in v.checks if not c.passed]
     create_table_artifact(rows, key=f"{request_id}-attempts", description=f"{request_id}: forget {item.concept}")
     if not v.accepted:
         queue.update(request_id, state=State.review, reasons=v.reasons)

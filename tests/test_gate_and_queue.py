@@ -89,6 +89,22 @@ def test_escalation_strengthens_retention_and_stops_at_the_limit():
         policy.config_for(base, 3)
 
 
+def test_escalation_forgets_harder_when_only_forgetting_failed():
+    policy = EscalationPolicy(max_attempts=3, retention_factor=2, regularization_factor=3, forgetting_factor=2,
+                              steps_factor=1.5)
+    base = UnlearnConfig(l_unl=10, l_pres=10, l2sp=100, steps=100, retain_teacher="base", forgotten_share=0.25,
+                         reg_reference="base")
+    relapse = policy.config_for(base, 1, failed=["ua:red"])  # an earlier concept came back
+    assert (relapse.l_unl, relapse.forgotten_share, relapse.steps) == (20, 0.5, 150)
+    assert (relapse.l_pres, relapse.l2sp, relapse.l_reg) == (base.l_pres, base.l2sp, base.l_reg)
+    weak = policy.config_for(base, 2, failed=["ua"])  # this request's concept not erased
+    assert (weak.l_unl, weak.forgotten_share, weak.steps) == (40, 0.25, 225)
+    # any retention or quality failure means the regularizing direction, as before
+    mixed = policy.config_for(base, 1, failed=["ua", "ra_in-vs-base"])
+    assert (mixed.l_unl, mixed.l_pres, mixed.l2sp) == (10, 20, 300)
+    assert policy.config_for(base, 1, failed=[]) == policy.config_for(base, 1)
+
+
 def test_queue_adds_validates_and_refuses_duplicates(tmp_path):
     q = RequestQueue(tmp_path / "queue.yaml")
     first = q.add("red", "colour", note="ticket 7", by="legal")
