@@ -16,8 +16,8 @@ from cul.models.diffusion import DiffusionModel
 from cul.world import CONCEPTS, Scene, World, all_scenes, caption
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (FID's formula)."""
+def _gaussian_fits(a: np.ndarray, b: np.ndarray):
+    """Means, covariances and (C_a C_b)^1/2 of two feature sets, as FID fits them."""
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Frechet distance needs at least two samples on each side")
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -26,8 +26,21 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if not np.isfinite(covmean).all():
         eps = np.eye(len(mu_a)) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
+    return mu_a, mu_b, cov_a, cov_b, covmean.real
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (FID's formula)."""
+    mu_a, mu_b, cov_a, cov_b, covmean = _gaussian_fits(a, b)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def frechet_terms(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """The Frechet distance's two parts: |mu_a - mu_b|^2 (where the sets sit) and
+    tr(C_a + C_b - 2 (C_a C_b)^1/2) (how they spread)."""
+    mu_a, mu_b, cov_a, cov_b, covmean = _gaussian_fits(a, b)
+    return {"mean_term": float(((mu_a - mu_b) ** 2).sum()),
+            "cov_term": float(np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))}
 
 
 @dataclass

@@ -18,22 +18,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg
 
 from cul.config import Params
-from cul.evaluation import frechet_distance, generate_scenes
+from cul.evaluation import frechet_distance, frechet_terms, generate_scenes
 from cul.judge import Judge, labels, to_tensor
 from cul.models import load_model
 from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
 from cul.world import World
-
-
-def fd_terms(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2): the two terms apart."""
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    cross = linalg.sqrtm(ca @ cb).real
-    return {"mean_term": float(((a.mean(0) - b.mean(0)) ** 2).sum()),
-            "cov_term": float(np.trace(ca) + np.trace(cb) - 2 * np.trace(cross))}
 
 
 def main() -> None:
@@ -58,7 +49,7 @@ def main() -> None:
         images = generate_scenes(model, scenes, seed, p.eval.batch_size)
         features = judge.embed(images)
         predictions = judge.predict(images)
-        row = {"fd": frechet_distance(features, real), **fd_terms(features, real),
+        row = {"fd": frechet_distance(features, real), **frechet_terms(features, real),
                "judge_accuracy": {k: float((v == truth[:, i]).mean()) for i, (k, v) in enumerate(predictions.items())},
                "pixel_std": float(images.std())}
         if base_images is None:

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from cul.evaluation import frechet_distance
+from cul.evaluation import frechet_distance, frechet_terms
 from cul.judge import held_out_accuracy
 
 
@@ -25,3 +25,6 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
     far = frechet_distance(a, a + 1.0)
     assert 0 < near < far
     assert abs(far - 8.0) < 1e-4  # shift of 1 in 8 dims, same covariance: |mu|^2 = 8
+    terms = frechet_terms(a, a + 1.0)  # the shift is all in the mean term; the parts add up to FD
+    assert abs(terms["mean_term"] - 8.0) < 1e-9 and abs(terms["cov_term"]) < 1e-4
+    assert abs(terms["mean_term"] + terms["cov_term"] - far) < 1e-9
