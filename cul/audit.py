@@ -5,61 +5,81 @@ and the evaluation (UA on the concept and its paraphrases, retention, sample gri
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+
+from cul.fmt import pct, times
+from cul.unlearning.recipes import recipe_hash
 
 AUDIT_DIR = Path("reports/audit")
 
 
-def write_deletion_record(item, spec, metrics: dict, verdict, version: int, model_name: str, tags: dict,
-                          out: Path = AUDIT_DIR) -> Path:
+def write_deletion_record(
+    item, spec, metrics: dict, verdict, version: int, model_name: str, tags: dict, out: Path = AUDIT_DIR
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     base = metrics.get("base") or {}
     record = {
         "request": item.model_dump(mode="json"),
-        "model": {"name": model_name, "version": version, "uri": f"models:/{model_name}/{version}",
-                  "parent_version": spec.parent_version, "step": spec.key, "dvc_stage": f"step@{spec.key}",
-                  "dvc_md5": tags.get("dvc_md5"), "code_commit": tags.get("git_commit")},
+        "model": {
+            "name": model_name,
+            "version": version,
+            "uri": f"models:/{model_name}/{version}",
+            "parent_version": spec.parent_version,
+            "step": spec.key,
+            "dvc_stage": f"step@{spec.key}",
+            "dvc_md5": tags.get("dvc_md5"),
+            "code_commit": tags.get("git_commit"),
+        },
         "forgotten_so_far": metrics["forgotten"],
         "evidence": {
-            "ua": metrics["ua"], "paraphrase_ua": metrics.get("paraphrase_ua", {}),
-            "ra_in": metrics["ra_in"], "ra_cross": metrics["ra_cross"], "ra_neighbour": metrics["ra_neighbour"],
-            "fd_ratio": metrics.get("fd_ratio"), "base": base,
+            "ua": metrics["ua"],
+            "paraphrase_ua": metrics.get("paraphrase_ua", {}),
+            "ra_in": metrics["ra_in"],
+            "ra_cross": metrics["ra_cross"],
+            "ra_neighbour": metrics["ra_neighbour"],
+            "fd_ratio": metrics.get("fd_ratio"),
+            "base": base,
             "earlier_forgotten_ua": {c: 1 - metrics["per_concept"][c] for c in metrics["forgotten"][:-1]},
-            "samples": str(spec.report_dir / "samples.png"), "metrics": str(spec.report_dir / "metrics.json"),
+            "samples": str(spec.report_dir / "samples.png"),
+            "metrics": str(spec.report_dir / "metrics.json"),
         },
         "gate": verdict.model_dump(),
-        "method": {"name": spec.method, "attempt": spec.attempt, "config": spec.spec.unlearn.model_dump()},
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {
+            "name": spec.recipe_name,
+            "attempt": spec.attempt,
+            "hash": recipe_hash(spec.recipe),
+            "config": spec.recipe.model_dump(mode="json"),
+        },
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (out / f"{item.id}.json").write_text(json.dumps(record, indent=1) + "\n")
-
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
 
     lines = [
         f"# Deletion record {item.id}: forget `{item.concept}` ({item.kind})",
         "",
         f"- Requested by {item.by or 'unknown'} at {item.at}" + (f": {item.note}" if item.note else ""),
         f"- Honoured by model **{model_name} version {version}** (`models:/{model_name}/{version}`), "
-        f"step `{spec.key}` from version {spec.parent_version or 'base'}, attempt {spec.attempt}",
+        f"step `{spec.key}` from version {spec.parent_version or 'base'}, attempt {spec.attempt}, "
+        f"recipe `{spec.recipe_name}` (`{recipe_hash(spec.recipe)}`)",
         f"- Reproduce: `git checkout <commit of this record> && dvc pull && dvc repro step@{spec.key}` "
         f"(model md5 `{tags.get('dvc_md5')}`)",
         f"- Concepts forgotten by this version: {', '.join(metrics['forgotten'])}",
         "",
         "| evidence | this version | base model |",
         "|---|---|---|",
-        f"| UA on `{item.concept}` | {pct(metrics['ua'])} | {pct(base.get('ua'))} |",
+        f"| UA on `{item.concept}` | {pct(metrics['ua'], unit='%')} | {pct(base.get('ua'), unit='%')} |",
     ]
     for word, ua in (metrics.get("paraphrase_ua") or {}).items():
-        lines.append(f"| UA when named `{word}` | {pct(ua)} | |")
+        lines.append(f"| UA when named `{word}` | {pct(ua, unit='%')} | |")
     for c, ua in record["evidence"]["earlier_forgotten_ua"].items():
-        lines.append(f"| UA on earlier forgotten `{c}` | {pct(ua)} | |")
+        lines.append(f"| UA on earlier forgotten `{c}` | {pct(ua, unit='%')} | |")
     lines += [
-        f"| RA-I (same kind) | {pct(metrics['ra_in'])} | {pct(base.get('ra_in'))} |",
-        f"| RA-C (other kinds) | {pct(metrics['ra_cross'])} | {pct(base.get('ra_cross'))} |",
-        f"| RA-N (confusables) | {pct(metrics['ra_neighbour'])} | {pct(base.get('ra_neighbour'))} |",
-        f"| FD ratio to base | {metrics.get('fd_ratio') or float('nan'):.2f} | 1.00 |",
+        f"| RA-I (same kind) | {pct(metrics['ra_in'], unit='%')} | {pct(base.get('ra_in'), unit='%')} |",
+        f"| RA-C (other kinds) | {pct(metrics['ra_cross'], unit='%')} | {pct(base.get('ra_cross'), unit='%')} |",
+        f"| RA-N (confusables) | {pct(metrics['ra_neighbour'], unit='%')} "
+        f"| {pct(base.get('ra_neighbour'), unit='%')} |",
+        f"| FD ratio to base | {times(metrics.get('fd_ratio'))} | 1.00 |",
         "",
         f"Gate: {verdict.summary()}",
         "",

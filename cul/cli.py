@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,18 +12,24 @@ from rich.table import Table
 
 from cul.config import Params
 
-app = typer.Typer(help="Continual unlearning for text-to-image diffusion models.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False, add_completion=False)
+app = typer.Typer(
+    help="Continual unlearning for text-to-image diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
 console = Console()
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings file (validated).")
 
 
 def _params(path: Path) -> Params:
+    from cul.config import ParamsError
+
     try:
         return Params.load(path)
-    except Exception as e:  # pydantic's message names the bad key
-        raise typer.BadParameter(f"{path}: {e}") from e
+    except ParamsError as e:  # names the file and the bad key
+        raise typer.BadParameter(str(e)) from e
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -33,7 +38,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 @app.command()
-def world(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Output folder.")) -> None:
+def world(params: Path = ParamsOpt, out: Path | None = typer.Option(None, help="Output folder.")) -> None:
     """Build the world data: real reference images, caption probes, vocabulary and a preview."""
     from cul.data import build_world
 
@@ -44,9 +49,12 @@ def world(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, hel
 
 
 @app.command()
-def pretrain(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Where the EMA weights go."),
-             steps: Optional[int] = typer.Option(None, help="Override pretrain.steps."),
-             quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+def pretrain(
+    params: Path = ParamsOpt,
+    out: Path | None = typer.Option(None, help="Where the EMA weights go."),
+    steps: int | None = typer.Option(None, help="Override pretrain.steps."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
     """Pretrain the base world model (resumes from its checkpoints)."""
     from cul.pretrain import Pretrainer
 
@@ -63,8 +71,11 @@ def pretrain(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, 
 
 
 @app.command()
-def judge(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, help="Where the judge goes."),
-          quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+def judge(
+    params: Path = ParamsOpt,
+    out: Path | None = typer.Option(None, help="Where the judge goes."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
     """Train the three-headed judge on real world images and report its held-out accuracy."""
     from cul.judge import train_judge
 
@@ -77,15 +88,17 @@ def judge(params: Path = ParamsOpt, out: Optional[Path] = typer.Option(None, hel
 
 
 @app.command()
-def generate(prompt: str = typer.Argument(..., help="What to draw."),
-             output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG to write."),
-             model: Optional[Path] = typer.Option(None, help="Model directory (default: the base model)."),
-             n: int = typer.Option(1, min=1, max=256, help="How many images (tiled)."),
-             seed: int = typer.Option(0, help="Random seed."),
-             steps: Optional[int] = typer.Option(None, min=1, help="DDIM steps."),
-             guidance: Optional[float] = typer.Option(None, min=0.0, help="Classifier-free guidance."),
-             scale: int = typer.Option(4, min=1, help="Upscale factor of the PNG (nearest)."),
-             params: Path = ParamsOpt) -> None:
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG to write."),
+    model: Path | None = typer.Option(None, help="Model directory (default: the base model)."),
+    n: int = typer.Option(1, min=1, max=256, help="How many images (tiled)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    steps: int | None = typer.Option(None, min=1, help="DDIM steps."),
+    guidance: float | None = typer.Option(None, min=0.0, help="Classifier-free guidance."),
+    scale: int = typer.Option(4, min=1, help="Upscale factor of the PNG (nearest)."),
+    params: Path = ParamsOpt,
+) -> None:
     """Sample images from a prompt to a PNG."""
     from cul.models import load_model
     from cul.plots import save_png
@@ -100,12 +113,16 @@ def generate(prompt: str = typer.Argument(..., help="What to draw."),
 
 
 @app.command("eval")
-def evaluate(params: Path = ParamsOpt,
-             model: Optional[Path] = typer.Option(None, help="Model directory (default: the base model)."),
-             out: Optional[Path] = typer.Option(None, help="Report folder (default reports/base)."),
-             forgotten: Optional[str] = typer.Option(None, help="Comma-separated concepts forgotten so far: "
-                                                     "report UA, RA-I, RA-C, RA-N and FD against the base model."),
-             quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
+def evaluate(
+    params: Path = ParamsOpt,
+    model: Path | None = typer.Option(None, help="Model directory (default: the base model)."),
+    out: Path | None = typer.Option(None, help="Report folder (default reports/base)."),
+    forgotten: str | None = typer.Option(
+        None,
+        help="Comma-separated concepts forgotten so far: report UA, RA-I, RA-C, RA-N and FD against the base model.",
+    ),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
     """Judge a model on every object x colour x texture: accuracy per kind and concept, FD; with
     --forgotten, the unlearning metrics too."""
     from cul.data import load_reference
@@ -119,24 +136,29 @@ def evaluate(params: Path = ParamsOpt,
     j = Judge.from_pretrained(p.paths.judge)
     m = load_model(model_dir)
     if forgotten:
-        from cul.unlearning.sequence import Evaluator
+        from cul.evaluation import Evaluator
+        from cul.fmt import pct, times
         from cul.world import resolve
 
         names = [x.strip() for x in forgotten.split(",") if x.strip()]
-        unknown = [x for x in names if resolve(x) is None or resolve(x).name != x]
+        unknown = [x for x in names if getattr(resolve(x), "name", None) != x]
         if unknown:
             raise typer.BadParameter(f"not concept names of this world: {', '.join(unknown)}")
         evaluator = Evaluator(j, p.eval, p.world.size, p.world.eval_seed)
         evaluator.set_base(load_model(p.paths.base_model))
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
-        _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics})
+        _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics.model_dump()})
         t = Table(title=f"{model_dir}: forgotten {', '.join(names)}")
         for col in ("UA", "RA-I", "RA-C", "RA-N", "FD / base"):
             t.add_column(col, justify="right")
-        f = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        t.add_row(f(metrics["ua"]), f(metrics["ra_in"]), f(metrics["ra_cross"]), f(metrics["ra_neighbour"]),
-                  f"{metrics.get('fd_ratio', float('nan')):.2f}")
+        t.add_row(
+            pct(metrics.ua),
+            pct(metrics.ra_in),
+            pct(metrics.ra_cross),
+            pct(metrics.ra_neighbour),
+            times(metrics.fd_ratio),
+        )
         console.print(t)
         console.print(f"-> {out}/metrics.json")
         return
@@ -144,13 +166,14 @@ def evaluate(params: Path = ParamsOpt,
         world(params, None)
     out = out or p.paths.reports / "base"
     t0 = time.perf_counter()
-    metrics, images = evaluate_model(m, j, load_reference(p.paths.world), p.eval.seed, p.eval.batch_size,
-                                     progress=not quiet)
-    metrics["model"] = str(model_dir)
-    seconds = time.perf_counter() - t0  # printed, not stored: metrics.json stays byte-identical on reruns
-    metrics["judge_held_out_accuracy"] = json.loads((p.paths.judge / "record.json").read_text())["held_out_accuracy"]
-    write_base_report(metrics, images, out)
-    print_metrics(metrics)
+    report, images = evaluate_model(
+        m, j, load_reference(p.paths.world), p.eval.seed, p.eval.batch_size, progress=not quiet
+    )
+    report["model"] = str(model_dir)
+    seconds = time.perf_counter() - t0  # printed, not stored: report.json stays byte-identical on reruns
+    report["judge_held_out_accuracy"] = json.loads((p.paths.judge / "record.json").read_text())["held_out_accuracy"]
+    write_base_report(report, images, out)
+    print_metrics(report)
     console.print(f"report -> {out}/metrics.json, {out}/samples.png ({seconds:.0f} s)")
 
 
@@ -165,7 +188,9 @@ def print_metrics(metrics: dict) -> None:
         worst = min(CONCEPTS[Kind(kind)], key=lambda c: metrics["per_concept"][c.name])
         t.add_row(kind, f"{100 * acc:.1f}", f"{worst.name} {100 * metrics['per_concept'][worst.name]:.1f}")
     console.print(t)
-    console.print(f"FD to real images (judge features): {metrics['fd']:.3f} (real-vs-real floor {metrics['real_fd_floor']:.3f})")
+    console.print(
+        f"FD to real images (judge features): {metrics['fd']:.3f} (real-vs-real floor {metrics['real_fd_floor']:.3f})"
+    )
 
 
 def _embedded_prefect() -> None:
@@ -191,15 +216,18 @@ def _ensure_base(p: Params, params: Path, quiet: bool) -> None:
 
 
 @app.command()
-def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of params.yaml (2 short requests)."),
-        limit: Optional[int] = typer.Option(None, min=1, help="Process at most this many pending requests."),
-        summary: Optional[Path] = typer.Option(None, help="Also write the table of steps as JSON here."),
-        params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+def run(
+    quick: bool = typer.Option(False, "--quick", help="The quick profile of params.yaml (2 short requests)."),
+    limit: int | None = typer.Option(None, min=1, help="Process at most this many pending requests."),
+    summary: Path | None = typer.Option(None, help="Also write the table of steps as JSON here."),
+    params: Path = ParamsOpt,
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
     """The main job: queue the default requests (if the queue is empty), then run the continual
     flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
     remote of .dvc/config) and print what happened and where to look."""
+    from cul.benchmark import load_sequence
     from cul.queue import RequestQueue
-    from cul.unlearning.sequence import load_sequence
 
     p = _params(params)
     _ensure_base(p, params, quiet)
@@ -224,8 +252,9 @@ def run(quick: bool = typer.Option(False, "--quick", help="The quick profile of 
     seconds = time.perf_counter() - t0
     _print_steps(results, seconds, p)
     if summary:
-        _write_json(summary, {"profile": "quick" if quick else "default", "seconds_flow": round(seconds, 1),
-                              "steps": results})
+        _write_json(
+            summary, {"profile": "quick" if quick else "default", "seconds_flow": round(seconds, 1), "steps": results}
+        )
 
 
 def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
@@ -233,25 +262,37 @@ def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
     for col in ("request", "outcome", "UA", "RA-I", "RA-C", "RA-N", "FD x", "s step/all", "orch."):
         t.add_column(col, no_wrap=True)
 
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}"
+    from cul.fmt import pct, times
 
     for r in results:
-        outcome = ("no-op" if r.get("noop") else f"v{r['version']} {r['step']}" if r["accepted"] else "review")
+        outcome = "no-op" if r.get("noop") else f"v{r['version']} {r['step']}" if r["accepted"] else "review"
         took = (f"{r['seconds_step']:.0f}/" if r.get("seconds_step") else "") + f"{r.get('seconds_total', 0):.0f}"
-        t.add_row(r["request"], outcome, pct(r.get("ua")), pct(r.get("ra_in")), pct(r.get("ra_cross")),
-                  pct(r.get("ra_neighbour")), f"{r['fd_ratio']:.2f}" if r.get("fd_ratio") else "-", took,
-                  f"{100 * r['overhead']:.0f}%" if r.get("overhead") is not None else "-")
+        t.add_row(
+            r["request"],
+            outcome,
+            pct(r.get("ua"), 0),
+            pct(r.get("ra_in"), 0),
+            pct(r.get("ra_cross"), 0),
+            pct(r.get("ra_neighbour"), 0),
+            times(r.get("fd_ratio")),
+            took,
+            f"{100 * r['overhead']:.0f}%" if r.get("overhead") is not None else "-",
+        )
     console.print(t)
     for r in results:
         if not r["accepted"]:
-            console.print(f"[yellow]{r['request']} sent to review[/yellow] (champion unchanged): "
-                          + "; ".join(r["reasons"]))
+            console.print(
+                f"[yellow]{r['request']} sent to review[/yellow] (champion unchanged): " + "; ".join(r["reasons"])
+            )
     uri = p.pipeline.tracking.resolved_uri()
-    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}  -> Models -> {p.pipeline.tracking.registered_model}"
-                  " (move `champion` there, or `cul promote VERSION`)")
-    console.print("Records:    reports/audit/*.md (deletion records), reports/steps/*/ (metrics, before/after),"
-                  " `cul request list`, `cul versions`")
+    console.print(
+        f"MLflow UI:  mlflow ui --backend-store-uri {uri}  -> Models -> {p.pipeline.tracking.registered_model}"
+        " (move `champion` there, or `cul promote VERSION`)"
+    )
+    console.print(
+        "Records:    reports/audit/*.md (deletion records), reports/steps/*/ (metrics, before/after),"
+        " `cul request list`, `cul versions`"
+    )
     console.print("Reproduce:  dvc pull && dvc repro step@KEY")
 
 
@@ -260,10 +301,13 @@ app.add_typer(request_app, name="request")
 
 
 @request_app.command("add")
-def request_add(concept: str, kind: Optional[str] = typer.Option(None, help="object, colour or texture."),
-                note: str = typer.Option("", help="Why (ticket, legal basis...)."),
-                by: Optional[str] = typer.Option(None, help="Who asks (default: your user name)."),
-                params: Path = ParamsOpt) -> None:
+def request_add(
+    concept: str,
+    kind: str | None = typer.Option(None, help="object, colour or texture."),
+    note: str = typer.Option("", help="Why (ticket, legal basis...)."),
+    by: str | None = typer.Option(None, help="Who asks (default: your user name)."),
+    params: Path = ParamsOpt,
+) -> None:
     """Queue a deletion request (refused with a reason if invalid or a duplicate)."""
     from cul.queue import RequestQueue
     from cul.unlearning.request import RequestError
@@ -341,8 +385,15 @@ def versions(params: Path = ParamsOpt) -> None:
     for col in ("version", "aliases", "request", "concept", "forgotten", "step", "dvc_rev"):
         t.add_column(col)
     for v in Tracker(_params(params).pipeline.tracking).versions():
-        t.add_row(str(v["version"]), ",".join(v["aliases"]), v.get("request_id", ""), v.get("concept", ""),
-                  v.get("forgotten", ""), v.get("step", ""), v.get("dvc_rev", "")[:10])
+        t.add_row(
+            str(v["version"]),
+            ",".join(v["aliases"]),
+            v.get("request_id", ""),
+            v.get("concept", ""),
+            v.get("forgotten", ""),
+            v.get("step", ""),
+            v.get("dvc_rev", "")[:10],
+        )
     console.print(t)
 
 
@@ -353,67 +404,94 @@ def serve(params: Path = ParamsOpt, quick: bool = typer.Option(False, "--quick")
     from flows.continual import continual_flow
 
     p = _params(params)
-    continual_flow.serve(name="scheduled", cron=p.pipeline.cron,
-                         parameters={"params_path": str(params), "quick": quick})
+    continual_flow.serve(
+        name="scheduled", cron=p.pipeline.cron, parameters={"params_path": str(params), "quick": quick}
+    )
 
 
 @app.command()
-def bench(sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml"), help="YAML list of requests."),
-          method: Optional[str] = typer.Option(None, help="A method of params.yaml's unlearn.methods."),
-          out: Optional[Path] = typer.Option(None, help="Output folder (default reports/benchmark/METHOD)."),
-          max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many requests."),
-          train_steps: Optional[int] = typer.Option(None, min=1, help="Override the training steps per request."),
-          stride: Optional[int] = typer.Option(None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."),
-          model: Optional[Path] = typer.Option(None, help="Starting model (default: the base model)."),
-          params: Path = ParamsOpt, quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
-    """Run a sequence of deletion requests with one method, evaluating after every step
-    (resumable: a rerun continues after the last finished step)."""
+def bench(
+    sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml"), help="YAML list of requests."),
+    method: str = typer.Option(
+        "dfr", help="A production method (dfr, ca, esd, naive) or an experiment file (experiments/NAME.yaml)."
+    ),
+    out: Path | None = typer.Option(None, help="Output folder (default reports/benchmark/NAME)."),
+    max_steps: int | None = typer.Option(None, min=1, help="Stop after this many requests."),
+    stride: int | None = typer.Option(
+        None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."
+    ),
+    model: Path | None = typer.Option(None, help="Starting model (default: the base model)."),
+    params: Path = ParamsOpt,
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Run a sequence of deletion requests with one recipe, evaluating after every step
+    (resumable: a rerun continues after the last finished step, with the same recipe only)."""
+    from cul.benchmark import BenchmarkError, load_sequence, run_sequence, sequence_concepts
+    from cul.evaluation import Evaluator
     from cul.judge import Judge
     from cul.models import load_model
     from cul.plots import metric_curves
-    from cul.unlearning.sequence import Evaluator, load_sequence, run_sequence, sequence_concepts
+    from cul.unlearning.recipes import RecipeError, load_recipe
 
     p = _params(params)
-    name = method or p.unlearn.default
     try:
-        spec = p.unlearn.method(name)
-    except KeyError as e:
-        raise typer.BadParameter(str(e.args[0])) from e
-    if train_steps:
-        spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": train_steps})})
+        name, recipe = load_recipe(method)
+        requests = load_sequence(sequence)
+    except (RecipeError, BenchmarkError) as e:
+        raise typer.BadParameter(str(e)) from e
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
-    requests = load_sequence(sequence)
     out = out or p.paths.reports / "benchmark" / name
     base = load_model(model or p.paths.base_model)
     # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
-    fd_exclude = sequence_concepts(requests)
-    evaluator = Evaluator(Judge.from_pretrained(p.paths.judge), eval_spec, p.world.size, p.world.eval_seed,
-                          fd_exclude=fd_exclude)
+    evaluator = Evaluator(
+        Judge.from_pretrained(p.paths.judge),
+        eval_spec,
+        p.world.size,
+        p.world.eval_seed,
+        fd_exclude=sequence_concepts(requests),
+    )
     # the base model's verdict is the same for every method: judge it once per evaluation setting
     evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
-    results = run_sequence(base, evaluator, requests, spec, out, name=name, max_steps=max_steps,
-                           progress=not quiet, log=console.print)
+    try:
+        results = run_sequence(
+            base,
+            evaluator,
+            requests,
+            recipe,
+            out,
+            name=name,
+            max_steps=max_steps,
+            progress=not quiet,
+            log=console.print,
+        )
+    except BenchmarkError as e:
+        raise typer.BadParameter(str(e)) from e
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
 
 
 @app.command()
-def report(runs: Path = typer.Option(Path("reports/benchmark"), help="Folder of METHOD/results.json runs."),
-           out: Optional[Path] = typer.Option(None, help="Where table.md and metrics.png go (default: RUNS).")) -> None:
+def report(
+    runs: Path = typer.Option(Path("reports/benchmark"), help="Folder of METHOD/results.json runs."),
+    out: Path | None = typer.Option(None, help="Where table.md and metrics.png go (default: RUNS)."),
+) -> None:
     """Combine benchmark runs: a markdown table of the last step of each method, and plots of
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
-    from cul.reports import benchmark_table, side_by_side, steps_table
+    from cul.reports import benchmark_table, load_runs, side_by_side, steps_table
 
     out = out or runs
-    found = {f.parent.name: json.loads(f.read_text()) for f in sorted(runs.glob("*/results.json"))}
-    found = {k: v for k, v in found.items() if v}
+    found = load_runs(runs)
     if not found:
         raise typer.BadParameter(f"no */results.json under {runs}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(benchmark_table(found) + "\n### At equal steps\n\n" + side_by_side(found)
-                                  + "\n### Every step\n\n"
-                                  + "\n".join(steps_table(k, v) for k, v in found.items()))
+    (out / "table.md").write_text(
+        benchmark_table(found)
+        + "\n### At equal steps\n\n"
+        + side_by_side(found)
+        + "\n### Every step\n\n"
+        + "\n".join(steps_table(k, v) for k, v in found.items())
+    )
     metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
     console.print((out / "table.md").read_text())
     console.print(f"-> {out}/table.md, {out}/metrics.png")
@@ -429,8 +507,9 @@ def vocab() -> None:
         t.add_column(col)
     for kind, group in CONCEPTS.items():
         for c in group:
-            t.add_row(kind.value, c.name, ", ".join(c.synonyms[1:]), ", ".join(c.held_out),
-                      ", ".join(CONFUSABLES[c.name]))
+            t.add_row(
+                kind.value, c.name, ", ".join(c.synonyms[1:]), ", ".join(c.held_out), ", ".join(CONFUSABLES[c.name])
+            )
     console.print(t)
 
 

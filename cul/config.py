@@ -1,18 +1,27 @@
-"""Settings: `params.yaml` validated by pydantic. One file drives the CLI, the flows and DVC."""
+"""Settings: `params.yaml` validated by pydantic. One file drives the CLI, the flows and DVC.
+
+`params.yaml` holds what production runs; the code defaults here equal it (a test checks), and
+recipes other than the production ones live in `experiments/`. A missing or unreadable params file
+is an error, never a silent fall-back to defaults."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cul.evaluation import EvalSpec
 from cul.gate import EscalationPolicy, GateConfig
 from cul.io.tracking import TrackingSettings
 from cul.judge import JudgeConfig
 from cul.models.diffusion import SamplingConfig, WorldUNetConfig
 from cul.pretrain import PretrainConfig
-from cul.unlearning.sequence import EvalSpec, MethodSpec
+from cul.unlearning.recipes import Recipe, RecipeError, load_recipe
+
+
+class ParamsError(ValueError):
+    """A params file that is missing, unreadable or invalid; the message names the file and key."""
 
 
 class WorldConfig(BaseModel):
@@ -33,19 +42,6 @@ class PathsConfig(BaseModel):
     reports: Path = Path("reports")
 
 
-class UnlearnParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    default: str = "dfr"
-    methods: dict[str, MethodSpec] = {"dfr": MethodSpec()}
-
-    def method(self, name: str | None) -> MethodSpec:
-        name = name or self.default
-        if name not in self.methods:
-            raise KeyError(f"unknown method {name!r}; params.yaml defines: {', '.join(self.methods)}")
-        return self.methods[name]
-
-
 class QuickProfile(BaseModel):
     """`cul run --quick`: fewer requests, shorter training, a thinner evaluation."""
 
@@ -53,7 +49,7 @@ class QuickProfile(BaseModel):
 
     requests: int = Field(2, ge=1)
     train_steps: int | None = Field(None, ge=1)  # None: the method's own steps
-    eval_stride: int = Field(8, ge=1)
+    eval_stride: int = Field(4, ge=1)
     max_attempts: int = Field(1, ge=1)
 
 
@@ -62,18 +58,33 @@ class PipelineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str = "dfr"
+    method: str = "dfr"  # a production method (dfr, ca, esd, naive) or a recipe file (experiments/NAME.yaml)
+    train_steps: int | None = Field(None, ge=1)  # None: the recipe's own steps (the quick profile may set it)
     requests_file: Path = Path("requests/queue.yaml")
     default_requests: Path = Path("benchmarks/default-sequence.yaml")  # what `cul run` queues
     eval_stride: int = Field(2, ge=1)
     gate: GateConfig = GateConfig()
     escalation: EscalationPolicy = EscalationPolicy()
-    auto_promote: bool = False  # True: an accepted step becomes champion without a person
+    auto_promote: bool = True  # True: an accepted step becomes champion without a person
     tracking: TrackingSettings = TrackingSettings()
     dvc_push: bool = True
     git_commit: bool = True  # commit each accepted step's records (spec, lock, metrics)
     quick: QuickProfile = QuickProfile()
     cron: str = "0 2 * * *"  # the scheduled deployment of the continual flow
+
+    @field_validator("method")
+    @classmethod
+    def _resolves(cls, v: str) -> str:
+        try:
+            load_recipe(v)
+        except RecipeError as e:
+            raise ValueError(str(e)) from e
+        return v
+
+    def recipe(self) -> tuple[str, Recipe]:
+        """(name, recipe) the pipeline runs: `method` resolved, with `train_steps` applied."""
+        name, recipe = load_recipe(self.method)
+        return name, (recipe.with_steps(self.train_steps) if self.train_steps else recipe)
 
 
 class Params(BaseModel):
@@ -88,26 +99,34 @@ class Params(BaseModel):
     judge: JudgeConfig = JudgeConfig()
     eval: EvalSpec = EvalSpec()  # seeds of every evaluation; stride applies to unlearning runs
     paths: PathsConfig = PathsConfig()
-    unlearn: UnlearnParams = UnlearnParams()
     pipeline: PipelineSettings = PipelineSettings()
 
-    def quick_profile(self) -> "Params":
-        """These settings with `pipeline.quick` applied (`cul run --quick`): the pipeline's method
-        with the quick profile's training steps (if set), a thinner evaluation, fewer attempts."""
+    def quick_profile(self) -> Params:
+        """These settings with `pipeline.quick` applied (`cul run --quick`): the quick profile's
+        training steps (if set), a thinner evaluation, fewer attempts."""
         q, pl = self.pipeline.quick, self.pipeline
-        spec = self.unlearn.method(pl.method)
-        if q.train_steps is not None:
-            spec = spec.model_copy(update={"unlearn": spec.unlearn.model_copy(update={"steps": q.train_steps})})
-        unlearn = self.unlearn.model_copy(update={"methods": {**self.unlearn.methods, pl.method: spec}})
-        pipeline = pl.model_copy(update={
-            "eval_stride": q.eval_stride,
-            "escalation": pl.escalation.model_copy(update={"max_attempts": q.max_attempts})})
-        return self.model_copy(update={"unlearn": unlearn, "pipeline": pipeline})
+        pipeline = pl.model_copy(
+            update={
+                "train_steps": q.train_steps or pl.train_steps,
+                "eval_stride": q.eval_stride,
+                "escalation": pl.escalation.model_copy(update={"max_attempts": q.max_attempts}),
+            }
+        )
+        return self.model_copy(update={"pipeline": pipeline})
 
     @classmethod
-    def load(cls, path: str | Path = "params.yaml") -> "Params":
+    def load(cls, path: str | Path = "params.yaml") -> Params:
+        """The settings of `path`; a missing, unreadable, empty or invalid file raises `ParamsError`."""
         path = Path(path)
-        if not path.exists():
-            return cls()
-        data = yaml.safe_load(path.read_text()) or {}
-        return cls.model_validate(data)
+        if not path.is_file():
+            raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ParamsError(f"{path}: cannot be read as YAML ({e})") from e
+        if not isinstance(data, dict) or not data:
+            raise ParamsError(f"{path}: empty, or not a mapping of settings")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ParamsError(f"{path}: {e}") from e

@@ -1,6 +1,6 @@
 """The evaluation gate: accept a request step only if it forgot and did not collapse retention.
 
-Pure: it reads metric dicts (the output of `cul.unlearning.sequence.Evaluator`) and returns a
+Pure: it reads a step's `StepMetrics` (the output of `cul.evaluation.Evaluator`) and returns a
 `Verdict` with every check and a reason for each failure. What to do on failure (retry with a
 recipe stronger where the check failed, then send the request to review) is the `EscalationPolicy`.
 """
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cul.unlearning.trainer import UnlearnConfig
+from cul.evaluation import StepMetrics, retention
+from cul.fmt import pct
+from cul.unlearning.recipes import RecipeBase
 
 RETENTION = ("ra_in", "ra_cross", "ra_neighbour")
 LABELS = {"ua": "UA", "ra_in": "RA-I", "ra_cross": "RA-C", "ra_neighbour": "RA-N", "fd_ratio": "FD ratio"}
@@ -49,29 +51,11 @@ class Verdict(BaseModel):
         return "accepted" if self.accepted else "rejected: " + "; ".join(self.reasons)
 
 
-def retention(per_concept: dict[str, float], forgotten: list[str]) -> dict[str, float | None]:
-    """RA-I, RA-C and RA-N from per-concept scores (as in `unlearning_metrics`), so that a
-    previous model's scores can be read against the current list of forgotten concepts."""
-    from cul.world import CONFUSABLES, concept
-
-    gone = set(forgotten)
-    kept = {n: v for n, v in per_concept.items() if n not in gone}
-
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return sum(xs) / len(xs) if xs else None
-
-    ra_in = mean([mean([v for n, v in kept.items() if concept(n).kind == concept(f).kind]) for f in forgotten])
-    ra_cross = mean([mean([v for n, v in kept.items() if concept(n).kind != concept(f).kind]) for f in forgotten])
-    neighbours = {n for f in forgotten for n in CONFUSABLES[f] if n in kept}
-    return {"ra_in": ra_in, "ra_cross": ra_cross, "ra_neighbour": mean([kept[n] for n in neighbours])}
-
-
 class Gate:
     def __init__(self, config: GateConfig | None = None) -> None:
         self.config = config or GateConfig()
 
-    def decide(self, metrics: dict, forgotten: list[str], previous: dict | None = None) -> Verdict:
+    def decide(self, metrics: StepMetrics, forgotten: list[str], previous: dict[str, float] | None = None) -> Verdict:
         """`metrics`: the candidate's evaluation (with `base`, the base model's figures on the same
         scenes); `forgotten`: every concept the candidate must have forgotten, this request last;
         `previous`: the previous accepted model's per-concept scores (None for the first step)."""
@@ -81,39 +65,61 @@ class Gate:
         def check(name: str, value: float | None, threshold: float, ok: bool, reason: str) -> None:
             checks.append(Check(name=name, value=value, threshold=threshold, passed=ok, reason="" if ok else reason))
 
-        scores = metrics["per_concept"]
+        scores = metrics.per_concept
         concept = forgotten[-1]
         for name in forgotten:  # no images of a concept: nothing shows it was forgotten, so refuse
             if name not in scores:
                 check(f"ua:{name}", None, c.min_ua, False, f"the evaluation has no images of {name}")
         if concept in scores:
             ua = 1 - scores[concept]
-            check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {ua:.1%} < {c.min_ua:.0%}")
+            check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {pct(ua, unit='%')} < {pct(c.min_ua, 0, '%')}")
         for earlier in [f for f in forgotten[:-1] if f in scores]:
             ua_e = 1 - scores[earlier]
-            check(f"ua:{earlier}", ua_e, c.min_ua_earlier, ua_e >= c.min_ua_earlier,
-                  f"earlier forgotten {earlier} came back: UA {ua_e:.1%} < {c.min_ua_earlier:.0%}")
-        base = metrics.get("base") or {}
+            check(
+                f"ua:{earlier}",
+                ua_e,
+                c.min_ua_earlier,
+                ua_e >= c.min_ua_earlier,
+                f"earlier forgotten {earlier} came back: UA {pct(ua_e, unit='%')} < {pct(c.min_ua_earlier, 0, '%')}",
+            )
+        base = metrics.base.model_dump() if metrics.base else {}
         limits = {"ra_in": c.max_drop_in, "ra_cross": c.max_drop_cross, "ra_neighbour": c.max_drop_neighbour}
         for key, limit in limits.items():
-            now, ref = metrics.get(key), base.get(key)
+            now, ref = getattr(metrics, key), base.get(key)
             if now is None or ref is None:
                 continue
-            check(f"{key}-vs-base", now, ref - limit, now >= ref - limit,
-                  f"{LABELS[key]} {now:.1%} is more than {limit:.0%} below the base model's {ref:.1%}")
+            check(
+                f"{key}-vs-base",
+                now,
+                ref - limit,
+                now >= ref - limit,
+                f"{LABELS[key]} {pct(now, unit='%')} is more than {pct(limit, 0, '%')} below the base model's "
+                f"{pct(ref, unit='%')}",
+            )
         if previous is not None:
             prev = retention(previous, forgotten)
             for key in RETENTION:
-                now, ref = metrics.get(key), prev.get(key)
+                now, ref = getattr(metrics, key), prev.get(key)
                 if now is None or ref is None:
                     continue
                 limit = c.max_drop_vs_previous
-                check(f"{key}-vs-previous", now, ref - limit, now >= ref - limit,
-                      f"{LABELS[key]} {now:.1%} is more than {limit:.0%} below the previous model's {ref:.1%}")
-        fd_ratio = metrics.get("fd_ratio")
+                check(
+                    f"{key}-vs-previous",
+                    now,
+                    ref - limit,
+                    now >= ref - limit,
+                    f"{LABELS[key]} {pct(now, unit='%')} is more than {pct(limit, 0, '%')} below the previous "
+                    f"model's {pct(ref, unit='%')}",
+                )
+        fd_ratio = metrics.fd_ratio
         if fd_ratio is not None:
-            check("fd_ratio", fd_ratio, c.max_fd_ratio, fd_ratio <= c.max_fd_ratio,
-                  f"FD {fd_ratio:.2f}x the base model's > {c.max_fd_ratio:.2f}x")
+            check(
+                "fd_ratio",
+                fd_ratio,
+                c.max_fd_ratio,
+                fd_ratio <= c.max_fd_ratio,
+                f"FD {fd_ratio:.2f}x the base model's > {c.max_fd_ratio:.2f}x",
+            )
         return Verdict(accepted=all(x.passed for x in checks), checks=checks)
 
 
@@ -140,21 +146,26 @@ class EscalationPolicy(BaseModel):
     forgetting_factor: float = Field(2.0, ge=1)  # l_unl and forgotten_share, when only forgetting failed
     steps_factor: float = Field(1.5, ge=1)
 
-    def config_for(self, base: UnlearnConfig, attempt: int, failed: list[str] | None = None) -> UnlearnConfig:
-        """`failed`: names of the checks the previous attempt failed (`Check.name`)."""
+    def config_for(self, base: RecipeBase, attempt: int, failed: list[str] | None = None) -> RecipeBase:
+        """The recipe of `attempt` (0: `base` itself). `failed`: names of the checks the previous
+        attempt failed (`Check.name`). Only the weights a recipe has are scaled."""
         if attempt < 0 or attempt >= self.max_attempts:
             raise ValueError(f"attempt {attempt} outside 0..{self.max_attempts - 1}")
         if attempt == 0:
             return base
-        steps = int(round(base.steps * self.steps_factor ** attempt))
+        own = type(base).model_fields
+        update: dict = {"steps": int(round(base.steps * self.steps_factor**attempt))}
         if forgetting_checks_only(failed or []):
-            f = self.forgetting_factor ** attempt
-            update = {"l_unl": base.l_unl * f, "steps": steps}
-            if base.forgotten_share is not None and any(n.startswith("ua:") for n in failed or []):
-                update["forgotten_share"] = min(0.5, base.forgotten_share * f)
+            f = self.forgetting_factor**attempt
+            if "l_unl" in own:
+                update["l_unl"] = base.l_unl * f  # type: ignore[attr-defined]
+            share = getattr(base, "forgotten_share", None)
+            if share is not None and any(n.startswith("ua:") for n in failed or []):
+                update["forgotten_share"] = min(0.5, share * f)
             return base.model_copy(update=update)
-        r, g = self.retention_factor ** attempt, self.regularization_factor ** attempt
-        return base.model_copy(update={
-            "l_pres": base.l_pres * r, "l_reg": base.l_reg * g, "l2sp": base.l2sp * g, "l1sp": base.l1sp * g,
-            "steps": steps,
-        })
+        r, g = self.retention_factor**attempt, self.regularization_factor**attempt
+        for name, factor in (("l_pres", r), ("l_reg", g)):
+            if name in own:
+                update[name] = getattr(base, name) * factor
+        update["addons"] = base.addons.model_copy(update={"l2sp": base.addons.l2sp * g, "l1sp": base.addons.l1sp * g})
+        return base.model_copy(update=update)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ KINDS: tuple[Kind, ...] = (Kind.OBJECT, Kind.COLOUR, Kind.TEXTURE)
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = 2e-3
-    width: int = 32
+    width: int = 16
     seed: int = 1
     noise_std: float = 0.05
 
@@ -43,11 +44,24 @@ class Judge(nn.Module):
         w = width
 
         def block(i: int, o: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.GroupNorm(8, o),
+                nn.SiLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.GroupNorm(8, o),
+                nn.SiLU(),
+            )
 
-        self.body = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
-                                  block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            block(3, w),
+            nn.MaxPool2d(2),
+            block(w, 2 * w),
+            nn.MaxPool2d(2),
+            block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.feature_dim = 4 * w
         self.heads = nn.ModuleDict({k.value: nn.Linear(4 * w, len(CONCEPTS[k])) for k in KINDS})
         self.width = width
@@ -74,8 +88,9 @@ class Judge(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         self.eval()
-        return np.concatenate([self.features(images[i : i + batch_size]).cpu().numpy()
-                               for i in range(0, len(images), batch_size)])
+        return np.concatenate(
+            [self.features(images[i : i + batch_size]).cpu().numpy() for i in range(0, len(images), batch_size)]
+        )
 
     def save_pretrained(self, path: str | Path, record: dict | None = None) -> None:
         path = Path(path)
@@ -86,7 +101,7 @@ class Judge(nn.Module):
             (path / "record.json").write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Judge":
+    def from_pretrained(cls, path: str | Path) -> Judge:
         path = Path(path)
         if not (path / "judge.safetensors").exists():
             raise FileNotFoundError(f"no judge weights in {path}; train one with `cul judge`")
@@ -110,7 +125,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator, noise_std: float) -> torch.T
     soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     soft = 0.5 * x + 0.5 * soft
     x = torch.where(blur, soft, x)
-    return (x + noise_std * torch.rand(x.shape[0], 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    return (x + noise_std * torch.rand(x.shape[0], 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)).clamp(
+        0, 1
+    )
 
 
 def train_judge(cfg: JudgeConfig, size: int = 32, progress: bool = True) -> tuple[Judge, dict]:
@@ -130,14 +147,18 @@ def train_judge(cfg: JudgeConfig, size: int = 32, progress: bool = True) -> tupl
         x = _augment(to_tensor(imgs), gen, cfg.noise_std)
         y = labels(scenes)
         logits = judge(x)
-        loss = sum(F.cross_entropy(logits[k.value], y[:, i]) for i, k in enumerate(KINDS))
+        loss = cast(torch.Tensor, sum(F.cross_entropy(logits[k.value], y[:, i]) for i, k in enumerate(KINDS)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     judge.eval()
-    record = {"steps": cfg.steps, "train_seconds": round(time.perf_counter() - t0, 1),
-              "config": cfg.model_dump(), "held_out_accuracy": held_out_accuracy(judge, size)}
+    record = {
+        "steps": cfg.steps,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "config": cfg.model_dump(),
+        "held_out_accuracy": held_out_accuracy(judge, size),
+    }
     return judge, record
 
 

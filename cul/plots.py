@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,9 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 1, scale: int = 1) ->
     grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, im in enumerate(arr):
         r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
     img = Image.fromarray(grid)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST) if scale > 1 else img
 
 
 def save_png(images: torch.Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
@@ -36,8 +36,14 @@ def save_png(images: torch.Tensor, path: str | Path, ncol: int | None = None, sc
     return path
 
 
-def labelled_grids(images: torch.Tensor, blocks: Sequence[str], rows: Sequence[str], cols: Sequence[str],
-                   path: str | Path, title: str = "") -> Path:
+def labelled_grids(
+    images: torch.Tensor,
+    blocks: Sequence[str],
+    rows: Sequence[str],
+    cols: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> Path:
     """One panel per block (e.g. texture), each a rows x cols grid (e.g. object x colour)."""
     import matplotlib
 
@@ -52,7 +58,7 @@ def labelled_grids(images: torch.Tensor, blocks: Sequence[str], rows: Sequence[s
         ax.axis("off")
         if b >= len(blocks):
             continue
-        ax.imshow(image_grid(images[b * per:(b + 1) * per], len(cols)))
+        ax.imshow(image_grid(images[b * per : (b + 1) * per], len(cols)))
         ax.set_title(blocks[b], fontsize=11)
         ax.axis("on")
         ax.set_xticks([(i + 0.5) * 33 for i in range(len(cols))], cols, rotation=90, fontsize=7)
@@ -82,8 +88,9 @@ def scene_grid(images: torch.Tensor, path: str | Path, title: str) -> Path:
     names = vocabulary()
     n_o, n_c, n_t = len(names["object"]), len(names["colour"]), len(names["texture"])
     by_texture = images.reshape(n_o, n_c, n_t, *images.shape[1:]).permute(2, 0, 1, 3, 4, 5)
-    return labelled_grids(by_texture.reshape(-1, *images.shape[1:]), names["texture"], names["object"],
-                          names["colour"], path, title)
+    return labelled_grids(
+        by_texture.reshape(-1, *images.shape[1:]), names["texture"], names["object"], names["colour"], path, title
+    )
 
 
 def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, threshold: float | None = None) -> Path:
@@ -104,9 +111,16 @@ def concept_bars(per_concept: dict[str, float], path: str | Path, title: str, th
     return _save(fig, path)
 
 
-BENCH_METRICS = (("ua", "UA (%)", 100), ("ra_in", "RA-I (%)", 100), ("ra_cross", "RA-C (%)", 100),
-                 ("ra_neighbour", "RA-N (%)", 100), ("fd_ratio", "FD / base FD", 1), ("drift", "||theta - theta_0||", 1),
-                 ("seconds", "seconds per request (replay + training)", 1), ("ra_all", "all retained concepts (%)", 100))
+BENCH_METRICS = (
+    ("ua", "UA (%)", 100),
+    ("ra_in", "RA-I (%)", 100),
+    ("ra_cross", "RA-C (%)", 100),
+    ("ra_neighbour", "RA-N (%)", 100),
+    ("fd_ratio", "FD / base FD", 1),
+    ("drift", "||theta - theta_0||", 1),
+    ("seconds", "seconds per request (replay + training)", 1),
+    ("ra_all", "all retained concepts (%)", 100),
+)
 
 
 def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -119,9 +133,11 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     # more methods than a default colour cycle has colours: a 20-colour map plus line styles, so
     # no two methods look alike
-    colours = plt.get_cmap("tab20").colors
-    styles = [dict(color=colours[(2 * i + i // 10) % 20], linestyle=("-", "--", ":")[i // 10 % 3],
-                   marker="os^D"[i % 4]) for i in range(len(runs))]
+    colours = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
+    styles = [
+        dict(color=colours[(2 * i + i // 10) % 20], linestyle=("-", "--", ":")[i // 10 % 3], marker="os^D"[i % 4])
+        for i in range(len(runs))
+    ]
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
         for style, (name, results) in zip(styles, runs.items()):
             pts = [(r["step"], r[key] * scale) for r in results if r.get(key) is not None]
@@ -139,8 +155,9 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     return _save(fig, path)
 
 
-def before_after(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str], path: str | Path,
-                 title: str = "") -> Path:
+def before_after(
+    before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     """The same prompts and seeds through two models, one row per prompt: what a step changed."""
     import matplotlib
 
@@ -152,7 +169,7 @@ def before_after(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[st
     for i, p in enumerate(prompts):
         for j, (imgs, head) in enumerate(((before, "before"), (after, "after"))):
             ax = axes[i, j]
-            ax.imshow(to_uint8(imgs[i:i + 1])[0], interpolation="nearest")
+            ax.imshow(to_uint8(imgs[i : i + 1])[0], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

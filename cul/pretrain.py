@@ -15,6 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -85,8 +86,14 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 class Pretrainer:
     """Owns the model, optimizer, EMA and the loop; `run()` resumes from `checkpoint_dir`."""
 
-    def __init__(self, unet_config: WorldUNetConfig, cfg: PretrainConfig, checkpoint_dir: str | Path,
-                 sampling: SamplingConfig | None = None, world: World | None = None) -> None:
+    def __init__(
+        self,
+        unet_config: WorldUNetConfig,
+        cfg: PretrainConfig,
+        checkpoint_dir: str | Path,
+        sampling: SamplingConfig | None = None,
+        world: World | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dir = Path(checkpoint_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +188,7 @@ class Pretrainer:
 
     def ema_model(self) -> WorldDiffusion:
         """A copy of the model carrying the EMA weights (what gets sampled and shipped)."""
-        model = self.model.copy()
+        model = cast(WorldDiffusion, self.model.copy())
         self.ema.copy_to(model.unet.parameters())
         model.unet.eval()
         return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 
@@ -54,7 +54,7 @@ class QueuedRequest(BaseModel):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class RequestQueue:
@@ -93,8 +93,15 @@ class RequestQueue:
             if r.concept == resolved.concept and r.state in (State.pending, State.in_progress, State.review):
                 raise RequestError(f"{resolved.concept!r} is already requested ({r.id}, {r.describe()})")
         number = max((int(r.id[1:]) for r in items if r.id[1:].isdigit()), default=0) + 1
-        item = QueuedRequest(id=f"r{number:03d}", concept=resolved.concept, kind=resolved.kind.value, note=note,
-                             by=by or _user(), at=_now(), updated=_now())
+        item = QueuedRequest(
+            id=f"r{number:03d}",
+            concept=resolved.concept,
+            kind=resolved.kind.value,
+            note=note,
+            by=by or _user(),
+            at=_now(),
+            updated=_now(),
+        )
         self._write(items + [item])
         return item
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from cul.fmt import pct, times
 from cul.plots import concept_bars, scene_grid
 
 
@@ -16,47 +17,77 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     scene_grid(images, out / "samples.png", "base model samples (rows: object, columns: colour, panels: texture)")
-    concept_bars(metrics["per_concept"], out / "per_concept.png",
-                 "base model: share of samples the judge finds correct, per concept", threshold=0.8)
+    concept_bars(
+        metrics["per_concept"],
+        out / "per_concept.png",
+        "base model: share of samples the judge finds correct, per concept",
+        threshold=0.8,
+    )
 
 
-def _fmt(x, pct: bool = True) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+def load_runs(folder: str | Path) -> dict[str, list[dict]]:
+    """Every FOLDER/*/results.json that has steps, keyed by the recipe name its results record (the
+    folder's name for a result that records none)."""
+    runs = {}
+    for f in sorted(Path(folder).glob("*/results.json")):
+        results = json.loads(f.read_text())
+        if results:
+            runs[results[-1].get("recipe_name") or f.parent.name] = results
+    return runs
+
+
+def _made_by(r: dict) -> str:
+    """`hash @ commit` of the recipe and code that made a result ("-" where it records none)."""
+    if not r.get("recipe_hash"):
+        return "-"
+    return f"`{r['recipe_hash'][:8]}` @ `{str(r.get('git_commit', '?'))[:7]}`" + ("+" if r.get("git_dirty") else "")
+
+
+def _mean3(r: dict) -> float | None:
+    trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
+    return sum(trio) / 3 if all(v is not None for v in trio) else None  # type: ignore[arg-type]
 
 
 def benchmark_table(runs: dict[str, list[dict]]) -> str:
     """Markdown: each method's metrics after its last step, and its mean cost per request."""
-    head = ("| method | steps | UA | RA-I | RA-C | RA-N | mean(UA, RA-I, RA-C) | FD / base | drift "
-            "| s / request | replay images / request |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| method | steps | UA | RA-I | RA-C | RA-N | mean(UA, RA-I, RA-C) | FD / base | drift "
+        "| s / request | replay images / request | recipe @ commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows = []
     first = next(iter(runs.values()), [])
     base = first[-1].get("base") if first else None
     if base:  # the base model judged by the same evaluation, against the same forgotten set
-        trio = [base.get(k) for k in ("ra_in", "ra_cross")]
-        rows.append(f"| base model (reference) | 0 | {_fmt(base.get('ua'))} | {_fmt(trio[0])} | {_fmt(trio[1])} "
-                    f"| {_fmt(base.get('ra_neighbour'))} | - | 1.00 | 0.00 | - | - |")
+        rows.append(
+            f"| base model (reference) | 0 | {pct(base.get('ua'))} | {pct(base.get('ra_in'))} "
+            f"| {pct(base.get('ra_cross'))} | {pct(base.get('ra_neighbour'))} | - | 1.00 | 0.00 | - | - | - |"
+        )
     for name, results in runs.items():
         r = results[-1]
-        trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
-        mean = sum(trio) / 3 if all(v is not None for v in trio) else None
         secs = sum(x["seconds"] for x in results) / len(results)
         imgs = sum(x.get("replay_images", 0) for x in results) / len(results)
-        rows.append(f"| {name} | {r['step']} | {_fmt(r['ua'])} | {_fmt(r['ra_in'])} | {_fmt(r['ra_cross'])} "
-                    f"| {_fmt(r['ra_neighbour'])} | {_fmt(mean)} | {_fmt(r.get('fd_ratio'), False)} "
-                    f"| {_fmt(r.get('drift'), False)} | {secs:.0f} | {imgs:.0f} |")
+        rows.append(
+            f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
+            f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "
+            f"| {times(r.get('drift'))} | {secs:.0f} | {imgs:.0f} | {_made_by(r)} |"
+        )
     return head + "\n".join(rows) + "\n"
 
 
 def steps_table(name: str, results: list[dict]) -> str:
     """Markdown: one method's metrics after every request, with the base model's FD beside."""
-    lines = [f"#### {name}\n", "| step | concept | UA | RA-I | RA-C | RA-N | FD / base | drift | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"#### {name}\n",
+        "| step | concept | UA | RA-I | RA-C | RA-N | FD / base | drift | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['step']} | {r['concept']} | {_fmt(r['ua'])} | {_fmt(r['ra_in'])} | {_fmt(r['ra_cross'])} "
-                     f"| {_fmt(r['ra_neighbour'])} | {_fmt(r.get('fd_ratio'), False)} | {_fmt(r.get('drift'), False)} "
-                     f"| {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['step']} | {r['concept']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
+            f"| {pct(r['ra_neighbour'])} | {times(r.get('fd_ratio'))} | {times(r.get('drift'))} "
+            f"| {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -65,8 +96,7 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
     each request, so runs of different lengths are compared at equal steps, not at their ends."""
     names = list(runs)
     n = max((len(v) for v in runs.values()), default=0)
-    lines = ["| after request | " + " | ".join(f"{m}: mean / FDx" for m in names) + " |",
-             "|---|" + "---|" * len(names)]
+    lines = ["| after request | " + " | ".join(f"{m}: mean / FDx" for m in names) + " |", "|---|" + "---|" * len(names)]
     for i in range(n):
         cells = []
         for m in names:
@@ -74,9 +104,7 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
                 cells.append("")
                 continue
             r = runs[m][i]
-            trio = [r.get(k) for k in ("ua", "ra_in", "ra_cross")]
-            mean = sum(trio) / 3 if all(v is not None for v in trio) else None
-            cells.append(f"{_fmt(mean)} / {_fmt(r.get('fd_ratio'), False)}")
+            cells.append(f"{pct(_mean3(r))} / {times(r.get('fd_ratio'))}")
         concept = next((runs[m][i]["concept"] for m in names if i < len(runs[m])), "")
         lines.append(f"| {i + 1} ({concept}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ class TextEncoder:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
-    def from_minilm(cls, max_length: int = 16) -> "TextEncoder":
+    def from_minilm(cls, max_length: int = 16) -> TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +45,7 @@ class TextEncoder:
         return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length)
 
     @classmethod
-    def from_pipeline(cls, tokenizer, text_encoder) -> "TextEncoder":
+    def from_pipeline(cls, tokenizer, text_encoder) -> TextEncoder:
         """Use a Stable Diffusion pipeline's own CLIP tokenizer and text encoder."""
         return cls(tokenizer, text_encoder, tokenizer.model_max_length)
 

@@ -11,9 +11,9 @@ paraphrases of a concept can be probed later. Everything is deterministic by see
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -207,6 +207,7 @@ def all_scenes() -> list[Scene]:
 # Rendering
 # --------------------------------------------------------------------------------------------
 
+
 def _texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A grey-level background pattern (size x size) in [0, 1] with a random phase."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -245,8 +246,8 @@ def _polygon_mask(x: np.ndarray, y: np.ndarray, pts: np.ndarray) -> np.ndarray:
         x0, y0 = pts[i]
         x1, y1 = pts[(i + 1) % n]
         sides.append((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0))
-    sides = np.stack(sides)
-    return (sides >= 0).all(0) | (sides <= 0).all(0)
+    signs = np.stack(sides)
+    return np.asarray((signs >= 0).all(0) | (signs <= 0).all(0))
 
 
 def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -304,6 +305,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
 # --------------------------------------------------------------------------------------------
 # Sampling scenes and captions
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Example:

@@ -63,9 +63,27 @@ def main() -> None:
         "seconds_orchestration": round(per_request, 1),
         "overhead": round(per_request / compute, 3) if compute else None,
         "cpu_count": os.cpu_count(),
-        "steps": [{k: s.get(k) for k in ("request", "accepted", "version", "ua", "ra_in", "ra_cross", "ra_neighbour",
-                                         "fd_ratio", "seconds_step", "seconds_eval", "seconds_total", "overhead", "reasons")}
-                  for s in summary["steps"]],
+        "steps": [
+            {
+                k: s.get(k)
+                for k in (
+                    "request",
+                    "accepted",
+                    "version",
+                    "ua",
+                    "ra_in",
+                    "ra_cross",
+                    "ra_neighbour",
+                    "fd_ratio",
+                    "seconds_step",
+                    "seconds_eval",
+                    "seconds_total",
+                    "overhead",
+                    "reasons",
+                )
+            }
+            for s in summary["steps"]
+        ],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

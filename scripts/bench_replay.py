@@ -1,7 +1,7 @@
 """Benchmark: what one request costs with a replay buffer (generated once) and with DFR's online
 replay (fresh teacher samples every training step), on the first request of a sequence.
 
-Both start from the same model with the same prompt set and recipe (params.yaml's method, only
+Both start from the same model with the same prompt set and recipe (a method or experiment file, only
 `replay` differs). The buffer run is timed in full (generation + every training step). The online
 run is timed over `--online-steps` training steps and extrapolated to the recipe's step count,
 since a full online request generates thousands of teacher images (hours on two CPU cores); the
@@ -22,15 +22,20 @@ from pathlib import Path
 
 import torch
 
+from cul.benchmark import load_sequence
 from cul.config import Params
+from cul.io.provenance import provenance
 from cul.models import load_model
-from cul.unlearning.sequence import load_sequence, prepare_step
+from cul.unlearning.preparation import prepare_step
+from cul.unlearning.recipes import load_recipe
 from cul.unlearning.trainer import unlearn
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="dfr", help="an entry of params.yaml's unlearn.methods")
+    ap.add_argument(
+        "--method", default="dfr", help="a production method (dfr, ca, esd, naive) or experiments/NAME.yaml"
+    )
     ap.add_argument("--sequence", default="benchmarks/default-sequence.yaml")
     ap.add_argument("--online-steps", type=int, default=5, help="training steps timed with online replay")
     ap.add_argument("--params", default="params.yaml")
@@ -38,27 +43,28 @@ def main() -> None:
     args = ap.parse_args()
 
     p = Params.load(args.params)
-    spec = p.unlearn.method(args.method)
+    name, recipe = load_recipe(args.method)
     base = load_model(p.paths.base_model)
     request = load_sequence(args.sequence)[0]
-    prompts = prepare_step(base, request, [], spec, seed=1)
-    steps = spec.unlearn.steps
+    prompts = prepare_step(base, request, [], recipe, seed=1)
+    steps = recipe.steps
 
-    buffer_cfg = spec.unlearn.model_copy(update={"replay": "buffer", "seed": 101})
+    buffer_cfg = recipe.model_copy(update={"replay": "buffer", "seed": 101})
     t0 = time.perf_counter()
-    buffered = unlearn(base, prompts, buffer_cfg, anchor=base)
+    buffered = unlearn(base, prompts, buffer_cfg, base=base)
     buffer_wall = time.perf_counter() - t0
 
-    online_cfg = spec.unlearn.model_copy(update={"replay": "online", "steps": args.online_steps, "seed": 101})
+    online_cfg = recipe.model_copy(update={"replay": "online", "steps": args.online_steps, "seed": 101})
     t0 = time.perf_counter()
-    online = unlearn(base, prompts, online_cfg, anchor=base)
+    online = unlearn(base, prompts, online_cfg, base=base)
     online_wall = time.perf_counter() - t0
     per_step = online.seconds_train / args.online_steps
     online_request = online.seconds_replay + per_step * steps
     images_per_step = online.replay_images / args.online_steps
 
     result = {
-        "method": args.method,
+        "method": name,
+        **provenance(name, recipe),
         "request": prompts.concept,
         "training_steps": steps,
         "buffer": {

@@ -22,16 +22,21 @@ from pathlib import Path
 
 import torch
 
+from cul.benchmark import load_sequence, step_unet
 from cul.config import Params
+from cul.io.provenance import provenance
 from cul.models import load_model
-from cul.unlearning.sequence import load_sequence, prepare_step, request_config, step_unet
+from cul.unlearning.preparation import prepare_step
+from cul.unlearning.recipes import load_recipe
 from cul.unlearning.trainer import unlearn
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="reports/benchmark/dfr", help="a cul bench output folder with steps/ on disk")
-    ap.add_argument("--method", default="dfr", help="an entry of params.yaml's unlearn.methods")
+    ap.add_argument(
+        "--method", default="dfr", help="a production method (dfr, ca, esd, naive) or experiments/NAME.yaml"
+    )
     ap.add_argument("--requests", default="1,5,10", help="1-based request numbers to time")
     ap.add_argument("--sequence", default="benchmarks/default-sequence.yaml")
     ap.add_argument("--params", default="params.yaml")
@@ -39,9 +44,9 @@ def main() -> None:
     args = ap.parse_args()
 
     p = Params.load(args.params)
-    spec = p.unlearn.method(args.method)
-    if spec.mode != "sequential":
-        raise SystemExit(f"{args.method} is a {spec.mode} method; this script times sequential steps")
+    name, recipe = load_recipe(args.method)
+    if recipe.mode != "sequential" or recipe.addons.ties is not None:
+        raise SystemExit(f"{args.method} does not chain its steps; this script times sequential steps")
     base = load_model(p.paths.base_model)
     requests = load_sequence(args.sequence)
     ks = [int(k) for k in args.requests.split(",")]
@@ -56,23 +61,30 @@ def main() -> None:
         start = base if k == 1 else base.with_unet(step_unet(args.run, k - 1))
         forgotten = [r.concept for r in requests[: k - 1]]
         t0 = time.perf_counter()
-        prompts = prepare_step(start, requests[k - 1], forgotten, spec, seed=k)
+        prompts = prepare_step(start, requests[k - 1], forgotten, recipe, seed=k)
         prepare = time.perf_counter() - t0
-        result = unlearn(start, prompts, request_config(spec.unlearn, k), anchor=base)
+        result = unlearn(start, prompts, recipe.for_request(k), base=base)
         total = time.perf_counter() - t0
-        row = {"request": k, "concept": prompts.concept, "forgotten_before": len(forgotten),
-               "seconds_prepare": round(prepare, 1), "seconds_replay": round(result.seconds_replay, 1),
-               "seconds_train": round(result.seconds_train, 1), "seconds": round(total, 1),
-               "replay_images": result.replay_images}
+        row = {
+            "request": k,
+            "concept": prompts.concept,
+            "forgotten_before": len(forgotten),
+            "seconds_prepare": round(prepare, 1),
+            "seconds_replay": round(result.seconds_replay, 1),
+            "seconds_train": round(result.seconds_train, 1),
+            "seconds": round(total, 1),
+            "replay_images": result.replay_images,
+        }
         rows.append(row)
         print(json.dumps(row))
 
     out = {
-        "method": args.method,
+        "method": name,
+        **provenance(name, recipe),
         "run": args.run,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "steps": spec.unlearn.steps,
+        "steps": recipe.steps,
         "requests": rows,
         "growth": round(rows[-1]["seconds"] / rows[0]["seconds"], 3) if len(rows) > 1 else None,
     }

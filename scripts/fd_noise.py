@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cul.benchmark import load_sequence, sequence_concepts
 from cul.config import Params
-from cul.evaluation import frechet_distance, generate_scenes
+from cul.evaluation import fd_scenes, frechet_distance, generate_scenes
 from cul.judge import Judge, to_tensor
 from cul.models import load_model
-from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
 from cul.world import World
 
 
@@ -42,8 +42,10 @@ def main() -> None:
     scenes = fd_scenes(concepts, 200)
     judge = Judge.from_pretrained(p.paths.judge)
     # the benchmark's real set is World(seed=eval_seed+1); other draws are further seeds
-    reals = [judge.embed(to_tensor(World(size=p.world.size, seed=p.world.eval_seed + 1 + i).render_all(scenes)))
-             for i in range(args.real_draws)]
+    reals = [
+        judge.embed(to_tensor(World(size=p.world.size, seed=p.world.eval_seed + 1 + i).render_all(scenes)))
+        for i in range(args.real_draws)
+    ]
     base = load_model(p.paths.base_model)
     models = {"base": base}
     for w in args.weights:
@@ -57,14 +59,21 @@ def main() -> None:
             feats = judge.embed(generate_scenes(model, scenes, p.eval.seed + 1 + s, p.eval.batch_size))
             rows.append([frechet_distance(feats, r) for r in reals])
         fd = np.array(rows)  # seeds x real draws; [0, 0] is the benchmark's number
-        result["models"][name] = {"fd": fd.round(4).tolist(), "benchmark_fd": float(fd[0, 0]),
-                                  "mean": float(fd.mean()), "min": float(fd.min()), "max": float(fd.max()),
-                                  "seconds": round(time.perf_counter() - t0, 1)}
+        result["models"][name] = {
+            "fd": fd.round(4).tolist(),
+            "benchmark_fd": float(fd[0, 0]),
+            "mean": float(fd.mean()),
+            "min": float(fd.min()),
+            "max": float(fd.max()),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(name, json.dumps(result["models"][name]), flush=True)
     b = result["models"]["base"]
-    result["base_spread"] = {"max_over_benchmark": b["max"] / b["benchmark_fd"],
-                             "min_over_benchmark": b["min"] / b["benchmark_fd"]}
-    for name, r in result["models"].items():
+    result["base_spread"] = {
+        "max_over_benchmark": b["max"] / b["benchmark_fd"],
+        "min_over_benchmark": b["min"] / b["benchmark_fd"],
+    }
+    for r in result["models"].values():
         r["ratio_of_means"] = r["mean"] / b["mean"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

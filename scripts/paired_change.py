@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cul.benchmark import load_sequence, sequence_concepts
 from cul.config import Params
-from cul.evaluation import frechet_distance, frechet_terms, generate_scenes
+from cul.evaluation import fd_scenes, frechet_distance, frechet_terms, generate_scenes
 from cul.judge import Judge, labels, to_tensor
 from cul.models import load_model
-from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts
 from cul.world import World
 
 
@@ -49,9 +49,12 @@ def main() -> None:
         images = generate_scenes(model, scenes, seed, p.eval.batch_size)
         features = judge.embed(images)
         predictions = judge.predict(images)
-        row = {"fd": frechet_distance(features, real), **frechet_terms(features, real),
-               "judge_accuracy": {k: float((v == truth[:, i]).mean()) for i, (k, v) in enumerate(predictions.items())},
-               "pixel_std": float(images.std())}
+        row = {
+            "fd": frechet_distance(features, real),
+            **frechet_terms(features, real),
+            "judge_accuracy": {k: float((v == truth[:, i]).mean()) for i, (k, v) in enumerate(predictions.items())},
+            "pixel_std": float(images.std()),
+        }
         if base_images is None:
             base_images = images
         else:
@@ -61,8 +64,9 @@ def main() -> None:
                 groups: dict[str, list[float]] = {}
                 for scene, c in zip(scenes, change):
                     groups.setdefault(getattr(scene, attr), []).append(float(c))
-                row[f"pixel_change_by_{attr}"] = dict(sorted(((k, round(float(np.mean(v)), 5)) for k, v in groups.items()),
-                                                             key=lambda kv: -kv[1]))
+                row[f"pixel_change_by_{attr}"] = dict(
+                    sorted(((k, round(float(np.mean(v)), 5)) for k, v in groups.items()), key=lambda kv: -kv[1])
+                )
         result["models"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if not k.startswith("pixel_change_by")}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,24 +15,26 @@ from pathlib import Path
 
 import torch
 
+from cul.benchmark import load_sequence
 from cul.config import Params
 from cul.models import load_model
+from cul.unlearning.preparation import prepare_step
+from cul.unlearning.recipes import load_recipe
 from cul.unlearning.regularizers import GradientProjector, text_layer_inputs
-from cul.unlearning.sequence import load_sequence, prepare_step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="ca+gradient_projection")
+    ap.add_argument("--method", default="experiments/ca+gradient_projection.yaml")
     ap.add_argument("--sequence", default="benchmarks/default-sequence.yaml")
     ap.add_argument("--ranks", default="full,128,64,32,16")
     ap.add_argument("--out", default="reports/benchmark/projection_span.json")
     args = ap.parse_args()
 
     p = Params.load("params.yaml")
-    spec = p.unlearn.method(args.method)
+    _, recipe = load_recipe(args.method)
     base = load_model(p.paths.base_model)
-    ps = prepare_step(base, load_sequence(args.sequence)[0], [], spec, seed=1)
+    ps = prepare_step(base, load_sequence(args.sequence)[0], [], recipe, seed=1)
     protected = ps.retain.get("neighbour", []) + ps.retain.get("retained", []) + ps.retain.get("forgotten", [])
     _, forget_inputs = text_layer_inputs(base, ps.forget[:64])
     result = {"method": args.method, "request": ps.concept, "protected_prompts": len(protected), "layers": {}}
@@ -41,8 +43,10 @@ def main() -> None:
         for name, P in gp.P.items():
             x = forget_inputs[name]
             entry = result["layers"].setdefault(name, {"dim": P.shape[0]})
-            entry[r] = {"protected_rank": int(torch.linalg.matrix_rank(torch.eye(P.shape[0]) - P)),
-                        "forget_norm_left": round(float((x @ P).norm() / x.norm()), 3)}
+            entry[r] = {
+                "protected_rank": int(torch.linalg.matrix_rank(torch.eye(P.shape[0]) - P)),
+                "forget_norm_left": round(float((x @ P).norm() / x.norm()), 3),
+            }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -6,7 +6,8 @@ seed, which cannot separate methods a fraction of a point apart. This loads a st
 (same fixed FD scene set) at the stride and for each seed given; the base model is judged at the
 same settings, so each FD ratio has its own reference.
 
-Run: python scripts/reeval_steps.py --runs reports/benchmark/dfr_chain+gradient_projection reports/benchmark/ca+gradient_projection \
+Run: python scripts/reeval_steps.py \
+        --runs reports/benchmark/dfr_chain+gradient_projection reports/benchmark/ca+gradient_projection \
         --stride 1 --seeds 1234 --out reports/benchmark/reeval_stride1.json
 """
 
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cul.benchmark import load_sequence, sequence_concepts, step_unet
 from cul.config import Params
+from cul.evaluation import Evaluator
 from cul.judge import Judge
 from cul.models import load_model
-from cul.unlearning.sequence import Evaluator, load_sequence, sequence_concepts, step_unet
 
 KEYS = ("ua", "ra_in", "ra_cross", "ra_neighbour")
 
@@ -61,17 +63,36 @@ def main() -> None:
         per_seed = []
         for seed, ev in evaluators.items():
             t0 = time.perf_counter()
-            m = ev(model, forgotten)
-            per_seed.append({"seed": seed, **{x: m[x] for x in KEYS}, "fd": m["fd"], "fd_base": m["base"]["fd"],
-                             "fd_ratio": m["fd_ratio"], "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"{run.name} step {k} seed {seed}: " + " ".join(f"{x} {100 * m[x]:.1f}" for x in KEYS)
-                  + f" FDx {m['fd_ratio']:.2f}", flush=True)
+            m = ev(model, forgotten).model_dump()
+            per_seed.append(
+                {
+                    "seed": seed,
+                    **{x: m[x] for x in KEYS},
+                    "fd": m["fd"],
+                    "fd_base": m["base"]["fd"],
+                    "fd_ratio": m["fd_ratio"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            print(
+                f"{run.name} step {k} seed {seed}: "
+                + " ".join(f"{x} {100 * m[x]:.1f}" for x in KEYS)
+                + f" FDx {m['fd_ratio']:.2f}",
+                flush=True,
+            )
         mean = {x: float(np.mean([s[x] for s in per_seed])) for x in KEYS}
         mean["mean_ua_ra"] = (mean["ua"] + mean["ra_in"] + mean["ra_cross"]) / 3
         # ratio of means: one FD draw moves by up to 1.39x with the seed alone (fd_noise.json)
-        mean["fd_ratio_of_means"] = float(np.mean([s["fd"] for s in per_seed]) / np.mean([s["fd_base"] for s in per_seed]))
-        out["runs"][run.name] = {"step": k, "concept": results[k - 1]["concept"], "mean": mean, "per_seed": per_seed,
-                                 "bench": {x: results[k - 1][x] for x in KEYS} | {"fd_ratio": results[k - 1]["fd_ratio"]}}
+        mean["fd_ratio_of_means"] = float(
+            np.mean([s["fd"] for s in per_seed]) / np.mean([s["fd_base"] for s in per_seed])
+        )
+        out["runs"][run.name] = {
+            "step": k,
+            "concept": results[k - 1]["concept"],
+            "mean": mean,
+            "per_seed": per_seed,
+            "bench": {x: results[k - 1][x] for x in KEYS} | {"fd_ratio": results[k - 1]["fd_ratio"]},
+        }
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")  # after each run: nothing lost on a crash
     print(f"-> {args.out}")
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cul.benchmark import load_sequence, sequence_concepts, step_unet
+from cul.evaluation import fd_scenes
 from cul.models import load_model
 from cul.plots import before_after
-from cul.unlearning.sequence import fd_scenes, load_sequence, sequence_concepts, step_unet
 from cul.world import caption
 
 
@@ -38,8 +39,13 @@ def main() -> None:
     scenes = pool[:: max(1, len(pool) // args.n)][: args.n]
     prompts = [caption(s.object, s.colour, s.texture) for s in scenes]
     out = args.out or args.run / f"retained_step{args.step:02d}.png"
-    before_after(base.sample(prompts, seed=args.seed), model.sample(prompts, seed=args.seed), prompts, out,
-                 f"retained scenes: base vs {args.run.name} after request {args.step}")
+    before_after(
+        base.sample(prompts, seed=args.seed),
+        model.sample(prompts, seed=args.seed),
+        prompts,
+        out,
+        f"retained scenes: base vs {args.run.name} after request {args.step}",
+    )
     print(f"-> {out}")
 
 

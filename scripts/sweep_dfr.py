@@ -13,26 +13,34 @@ import time
 from pathlib import Path
 
 from cul.config import Params
+from cul.evaluation import Evaluator
 from cul.judge import Judge
 from cul.models import load_model
+from cul.unlearning.preparation import prepare_step
+from cul.unlearning.recipes import load_recipe
 from cul.unlearning.request import Request
-from cul.unlearning.sequence import Evaluator, prepare_step
 from cul.unlearning.trainer import unlearn
 
-# name -> (overrides of unlearn config, overrides of the method spec)
+# name -> (overrides of the recipe's losses, overrides of its surrogate choice), on experiments/dfr_paper.yaml
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "dfr-recipe": ({}, {}),
     "l_unl10": ({"l_unl": 10.0}, {}),
     # the world's cosine schedule decides shapes above t = 600 (DFR's T_max was for SD's schedule)
     "tmax1000-l_unl10": ({"l_unl": 10.0, "t_max": 1000}, {}),
     "tmax1000-l_unl10-push1": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0}, {}),
-    "tmax1000-l_unl10-push1-nonneighbour": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0},
-                                            {"surrogate_neighbours": False}),
+    "tmax1000-l_unl10-push1-nonneighbour": (
+        {"l_unl": 10.0, "t_max": 1000, "push": 1.0},
+        {"surrogate_neighbours": False},
+    ),
     # image-quality (FD) follow-ups of the previous row
-    "tmax1000-l_unl10-push1-nonneighbour-lpres30": ({"l_unl": 10.0, "t_max": 1000, "push": 1.0, "l_pres": 30.0},
-                                                    {"surrogate_neighbours": False}),
-    "tmax1000-l_unl10-push0.5-nonneighbour": ({"l_unl": 10.0, "t_max": 1000, "push": 0.5},
-                                              {"surrogate_neighbours": False}),
+    "tmax1000-l_unl10-push1-nonneighbour-lpres30": (
+        {"l_unl": 10.0, "t_max": 1000, "push": 1.0, "l_pres": 30.0},
+        {"surrogate_neighbours": False},
+    ),
+    "tmax1000-l_unl10-push0.5-nonneighbour": (
+        {"l_unl": 10.0, "t_max": 1000, "push": 0.5},
+        {"surrogate_neighbours": False},
+    ),
 }
 
 
@@ -57,22 +65,31 @@ def main() -> None:
             if (variant, concept) in keys:
                 continue
             cfg_over, spec_over = VARIANTS[variant]
-            spec = p.unlearn.method("dfr_paper")  # variants are written as changes to DFR's own recipe
-            spec = spec.model_copy(update={**spec_over, "unlearn": spec.unlearn.model_copy(update=cfg_over)})
+            _, paper = load_recipe("experiments/dfr_paper.yaml")  # variants are changes to DFR's own recipe
+            recipe = paper.model_copy(update={**cfg_over, **spec_over})
             t0 = time.perf_counter()
-            ps = prepare_step(base, Request(concept=concept), [], spec, seed=1)
-            result = unlearn(base, ps, spec.unlearn, anchor=base)
+            ps = prepare_step(base, Request(concept=concept), [], recipe, seed=1)
+            result = unlearn(base, ps, recipe, base=base)
             m = evaluator(result.student, [concept])
-            row = {"variant": variant, "concept": concept, "surrogates": ps.surrogates,
-                   **{k: m[k] for k in ("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd_ratio")},
-                   "base_ra_all": base_metrics["ra_all"], "seconds_replay": round(result.seconds_replay, 1),
-                   "seconds_train": round(result.seconds_train, 1), "seconds_total": round(time.perf_counter() - t0, 1),
-                   "per_concept": m["per_concept"]}
+            row = {
+                "variant": variant,
+                "concept": concept,
+                "surrogates": ps.surrogates,
+                **m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd_ratio"}),
+                "base_ra_all": base_metrics.ra_all,
+                "seconds_replay": round(result.seconds_replay, 1),
+                "seconds_train": round(result.seconds_train, 1),
+                "seconds_total": round(time.perf_counter() - t0, 1),
+                "per_concept": m.per_concept,
+            }
             done.append(row)
             out.write_text(json.dumps(done, indent=1) + "\n")
-            print(f"{variant:40s} {concept:9s} UA {100 * row['ua']:5.1f} RA-I {100 * row['ra_in']:5.1f} "
-                  f"RA-C {100 * row['ra_cross']:5.1f} RA-N {100 * (row['ra_neighbour'] or 0):5.1f} "
-                  f"FDx {row['fd_ratio']:.2f} ({row['seconds_replay']:.0f}+{row['seconds_train']:.0f} s)", flush=True)
+            print(
+                f"{variant:40s} {concept:9s} UA {100 * row['ua']:5.1f} RA-I {100 * row['ra_in']:5.1f} "
+                f"RA-C {100 * row['ra_cross']:5.1f} RA-N {100 * (row['ra_neighbour'] or 0):5.1f} "
+                f"FDx {row['fd_ratio']:.2f} ({row['seconds_replay']:.0f}+{row['seconds_train']:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

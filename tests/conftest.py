@@ -41,8 +41,12 @@ def tiny_world_model(tiny_world_config, text_encoder):
     from cul.models.diffusion import train_scheduler
 
     torch.manual_seed(0)
-    return WorldDiffusion(tiny_world_config.build(text_encoder.dim), train_scheduler(), text_encoder,
-                          SamplingConfig(steps=3, guidance=2.0))
+    return WorldDiffusion(
+        tiny_world_config.build(text_encoder.dim),
+        train_scheduler(),
+        text_encoder,
+        SamplingConfig(steps=3, guidance=2.0),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +69,7 @@ def judge():
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Real Prefect, MLflow and S3 (moto) servers on loopback, shared by the pipeline tests."""
-    from servers import stack
+    from tests.support.servers import stack
 
     with stack(tmp_path_factory.mktemp("servers")) as env:
         yield env

@@ -6,8 +6,24 @@ from typer.testing import CliRunner
 from cul.cli import app
 
 runner = CliRunner()
-COMMANDS = ["world", "pretrain", "judge", "generate", "eval", "run", "vocab", "bench", "report", "step", "promote",
-            "versions", "serve", "request add", "request list", "request retry"]
+COMMANDS = [
+    "world",
+    "pretrain",
+    "judge",
+    "generate",
+    "eval",
+    "run",
+    "vocab",
+    "bench",
+    "report",
+    "step",
+    "promote",
+    "versions",
+    "serve",
+    "request add",
+    "request list",
+    "request retry",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -20,8 +36,21 @@ def test_every_command_has_help(command):
 def test_generate_writes_a_png(root, tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     out = tmp_path / "out.png"
-    result = runner.invoke(app, ["generate", "a red circle on a striped background", "-o", str(out),
-                                 "--n", "2", "--steps", "4", "--scale", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle on a striped background",
+            "-o",
+            str(out),
+            "--n",
+            "2",
+            "--steps",
+            "4",
+            "--scale",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     img = np.asarray(Image.open(out))
     assert img.shape == (34, 67, 3)  # two 32 px images with 1 px borders
@@ -32,6 +61,15 @@ def test_generate_refuses_an_empty_prompt(root, tmp_path, monkeypatch):
     result = runner.invoke(app, ["generate", "  ", "-o", str(tmp_path / "x.png")])
     assert result.exit_code != 0
     assert "empty" in result.output
+
+
+def test_a_missing_or_empty_params_file_is_an_error_not_defaults(tmp_path):
+    result = runner.invoke(app, ["world", "--params", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "w")])
+    assert result.exit_code != 0 and "no such params file" in result.output
+    (tmp_path / "empty.yaml").write_text("")
+    result = runner.invoke(app, ["world", "--params", str(tmp_path / "empty.yaml"), "--out", str(tmp_path / "w")])
+    assert result.exit_code != 0 and "empty" in result.output
+    assert not (tmp_path / "w").exists()
 
 
 def test_bad_params_file_names_the_bad_key(tmp_path):
@@ -79,11 +117,28 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     import json
 
     def step(k, concept, ua, fd_ratio):
-        return {"step": k, "concept": concept, "ua": ua, "ra_in": 0.9, "ra_cross": 0.8, "ra_neighbour": 0.7,
-                "fd_ratio": fd_ratio, "drift": 1.5, "seconds": 100.0 + k, "replay_images": 50,
-                "base": {"ua": 0.0, "ra_in": 1.0, "ra_cross": 1.0, "ra_neighbour": 0.95, "fd": 0.3}}
+        return {
+            "step": k,
+            "concept": concept,
+            "ua": ua,
+            "ra_in": 0.9,
+            "ra_cross": 0.8,
+            "ra_neighbour": 0.7,
+            "fd_ratio": fd_ratio,
+            "drift": 1.5,
+            "seconds": 100.0 + k,
+            "replay_images": 50,
+            "base": {"ua": 0.0, "ra_in": 1.0, "ra_cross": 1.0, "ra_neighbour": 0.95, "fd": 0.3},
+        }
 
-    for name, rows in {"a": [step(1, "circle", 0.5, 1.2), step(2, "red", 0.6, 1.4)], "b": [step(1, "circle", 1.0, 2.0)]}.items():
+    made_by = {
+        "recipe_name": "b-recipe",
+        "recipe_hash": "0123456789ab",
+        "git_commit": "feedbeef" * 5,
+        "git_dirty": False,
+    }
+    runs = {"a": [step(1, "circle", 0.5, 1.2), step(2, "red", 0.6, 1.4)], "b": [step(1, "circle", 1.0, 2.0) | made_by]}
+    for name, rows in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(rows))
     result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
@@ -92,11 +147,13 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     summary, rest = table.split("### At equal steps")
     side = rest.split("### Every step")[0]
     # at equal steps: b stops after request 1, a goes on; a's mean after 1 is (50 + 90 + 80) / 3
+    assert "b-recipe: mean / FDx" in side  # a run is named by the recipe its results record
     assert "| 1 (circle) | 73.3 / 1.20 | 90.0 / 2.00 |" in side and "| 2 (red) | 76.7 / 1.40 |  |" in side
     lines = [x for x in summary.splitlines() if x.startswith("| ") and not x.startswith("| method")]
     assert lines[0].startswith("| base model") and "| 95.0 |" in lines[0]
     # method a: its last step (2), mean of UA 60, RA-I 90, RA-C 80 = 76.7, mean cost 101.5 -> 102
     assert lines[1].startswith("| a | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 76.7 | 1.40 |") and "| 102 |" in lines[1]
-    assert lines[2].startswith("| b | 1 | 100.0 |")
+    assert lines[2].startswith("| b-recipe | 1 | 100.0 |") and lines[2].endswith("| `01234567` @ `feedbee` |")
+    assert lines[1].endswith("| - |")  # a result that records no recipe says so
     assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
     assert (tmp_path / "metrics.png").stat().st_size > 0

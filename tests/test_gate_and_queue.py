@@ -8,31 +8,37 @@ import json
 import pytest
 import yaml
 
-from cul.gate import EscalationPolicy, Gate, GateConfig, retention
+from cul.evaluation import StepMetrics, retention
+from cul.gate import EscalationPolicy, Gate, GateConfig
 from cul.queue import RequestQueue, State
 from cul.step import StepSpec, load_steps, next_key, save_step
+from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe
 from cul.unlearning.request import AlreadyForgotten, Request, RequestError
-from cul.unlearning.trainer import UnlearnConfig
 from cul.world import CONCEPTS
 
 ALL = [c.name for kind in CONCEPTS.values() for c in kind]
 
 
-def metrics_for(scores: dict[str, float], forgotten: list[str], fd_ratio: float = 1.0,
-                base_scores: dict[str, float] | None = None) -> dict:
+def metrics_for(
+    scores: dict[str, float], forgotten: list[str], fd_ratio: float = 1.0, base_scores: dict[str, float] | None = None
+) -> StepMetrics:
     """A candidate's evaluation, built the way the evaluator reports it: per-concept scores, the
     retention figures derived from them, and the base model's figures on the same scenes."""
     per_concept = {n: 1.0 for n in ALL} | scores
     base = retention(base_scores or {n: 1.0 for n in ALL}, forgotten)
-    return {"per_concept": per_concept, **retention(per_concept, forgotten), "fd_ratio": fd_ratio,
-            "ua": 1 - per_concept[forgotten[-1]], "base": base}
+    return StepMetrics(
+        per_concept=per_concept,
+        **retention(per_concept, forgotten),
+        fd_ratio=fd_ratio,
+        ua=1 - per_concept[forgotten[-1]],
+        base=base,
+    )
 
 
 def test_gate_accepts_a_clean_step():
     v = Gate().decide(metrics_for({"red": 0.0}, ["red"]), ["red"])
     assert v.accepted and v.reasons == []
-    assert {c.name for c in v.checks} >= {"ua", "ra_in-vs-base", "ra_cross-vs-base", "ra_neighbour-vs-base",
-                                           "fd_ratio"}
+    assert {c.name for c in v.checks} >= {"ua", "ra_in-vs-base", "ra_cross-vs-base", "ra_neighbour-vs-base", "fd_ratio"}
 
 
 def test_gate_rejects_weak_forgetting_with_a_reason():
@@ -57,15 +63,16 @@ def test_gate_rejects_an_earlier_concept_coming_back():
 
 def test_gate_refuses_when_the_evaluation_never_showed_the_concept():
     m = metrics_for({"red": 0.0}, ["red"])
-    del m["per_concept"]["red"]
+    del m.per_concept["red"]
     v = Gate().decide(m, ["red"])
     assert not v.accepted and "no images of red" in v.reasons[0]
 
 
 def test_gate_compares_with_the_previous_accepted_model():
     previous = {n: 1.0 for n in ALL} | {"circle": 0.0}
-    now = metrics_for({n: 0.9 for n in ALL} | {"circle": 0.0, "red": 0.0}, ["circle", "red"],
-                      base_scores={n: 0.9 for n in ALL})
+    now = metrics_for(
+        {n: 0.9 for n in ALL} | {"circle": 0.0, "red": 0.0}, ["circle", "red"], base_scores={n: 0.9 for n in ALL}
+    )
     # within 5 points of the base model (90%) but 10 points below the previous model (100%)
     v = Gate().decide(now, ["circle", "red"], previous)
     assert not v.accepted
@@ -80,28 +87,38 @@ def test_gate_rejects_image_quality_loss():
 
 def test_escalation_strengthens_retention_and_stops_at_the_limit():
     policy = EscalationPolicy(max_attempts=3, retention_factor=2, regularization_factor=3, steps_factor=1.5)
-    base = UnlearnConfig(l_pres=10, l_reg=1e-4, l2sp=100, steps=100)
+    base = DFRRecipe(l_pres=10, l_reg=1e-4, addons=AddOns(l2sp=100), steps=100)
     assert policy.config_for(base, 0) == base
     second = policy.config_for(base, 2)
-    assert (second.l_pres, second.l_reg, second.l2sp, second.steps) == (40, pytest.approx(9e-4), 900, 225)
+    assert (second.l_pres, second.l_reg, second.addons.l2sp, second.steps) == (40, pytest.approx(9e-4), 900, 225)
     assert second.lr == base.lr and second.method == base.method
     with pytest.raises(ValueError, match="outside"):
         policy.config_for(base, 3)
+    # a recipe without replay or L_reg (CA) gets only what it has scaled
+    ca = policy.config_for(CARecipe(addons=AddOns(l2sp=25.0)), 1)
+    assert (ca.addons.l2sp, ca.steps) == (75.0, 225) and ca.method == "ca"
 
 
 def test_escalation_forgets_harder_when_only_forgetting_failed():
-    policy = EscalationPolicy(max_attempts=3, retention_factor=2, regularization_factor=3, forgetting_factor=2,
-                              steps_factor=1.5)
-    base = UnlearnConfig(l_unl=10, l_pres=10, l2sp=100, steps=100, retain_teacher="base", forgotten_share=0.25,
-                         reg_reference="base")
+    policy = EscalationPolicy(
+        max_attempts=3, retention_factor=2, regularization_factor=3, forgetting_factor=2, steps_factor=1.5
+    )
+    base = DFRRecipe(
+        l_unl=10,
+        l_pres=10,
+        addons=AddOns(l2sp=100, reg_reference="base"),
+        steps=100,
+        retain_teacher="base",
+        forgotten_share=0.25,
+    )
     relapse = policy.config_for(base, 1, failed=["ua:red"])  # an earlier concept came back
     assert (relapse.l_unl, relapse.forgotten_share, relapse.steps) == (20, 0.5, 150)
-    assert (relapse.l_pres, relapse.l2sp, relapse.l_reg) == (base.l_pres, base.l2sp, base.l_reg)
+    assert (relapse.l_pres, relapse.addons, relapse.l_reg) == (base.l_pres, base.addons, base.l_reg)
     weak = policy.config_for(base, 2, failed=["ua"])  # this request's concept not erased
     assert (weak.l_unl, weak.forgotten_share, weak.steps) == (40, 0.25, 225)
     # any retention or quality failure means the regularizing direction, as before
     mixed = policy.config_for(base, 1, failed=["ua", "ra_in-vs-base"])
-    assert (mixed.l_unl, mixed.l_pres, mixed.l2sp) == (10, 20, 300)
+    assert (mixed.l_unl, mixed.l_pres, mixed.addons.l2sp) == (10, 20, 300)
     assert policy.config_for(base, 1, failed=[]) == policy.config_for(base, 1)
 
 
@@ -140,8 +157,17 @@ def test_step_specs_round_trip_through_the_dvc_params_file(tmp_path):
     assert load_steps(path) == {} and next_key([]) == "s01"
     spec = StepSpec(key="s01", request=Request(concept="red", kind="colour", id="r001"), parent="models/base")
     save_step(spec, path)
-    save_step(spec.model_copy(update={"key": "s02", "parent": "models/steps/s01", "forgotten": ["red"],
-                                      "request": Request(concept="circle", id="r002")}), path)
+    save_step(
+        spec.model_copy(
+            update={
+                "key": "s02",
+                "parent": "models/steps/s01",
+                "forgotten": ["red"],
+                "request": Request(concept="circle", id="r002"),
+            }
+        ),
+        path,
+    )
     loaded = load_steps(path)
     assert loaded["s01"] == spec and loaded["s02"].forgotten == ["red"]
     assert next_key(list(loaded)) == "s03"
@@ -153,15 +179,18 @@ def test_deletion_record_links_request_version_and_evidence(tmp_path):
 
     q = RequestQueue(tmp_path / "queue.yaml")
     item = q.add("red", note="GDPR art. 17", by="dpo")
-    spec = StepSpec(key="s02", request=item.request(), parent="models/steps/s01", parent_version=1,
-                    forgotten=["circle"])
-    m = metrics_for({"red": 0.0, "circle": 0.0}, ["circle", "red"]) | {
-        "forgotten": ["circle", "red"], "paraphrase_ua": {"scarlet": 1.0}}
-    verdict = Gate().decide(m, ["circle", "red"])
-    md = write_deletion_record(item, spec, m, verdict, 2, "cul-world", {"dvc_md5": "abc.dir", "git_commit": "f00"},
-                               out=tmp_path / "audit")
+    spec = StepSpec(
+        key="s02", request=item.request(), parent="models/steps/s01", parent_version=1, forgotten=["circle"]
+    )
+    evaluation = metrics_for({"red": 0.0, "circle": 0.0}, ["circle", "red"])
+    m = evaluation.model_dump() | {"forgotten": ["circle", "red"], "paraphrase_ua": {"scarlet": 1.0}}
+    verdict = Gate().decide(evaluation, ["circle", "red"])
+    md = write_deletion_record(
+        item, spec, m, verdict, 2, "cul-world", {"dvc_md5": "abc.dir", "git_commit": "f00"}, out=tmp_path / "audit"
+    )
     record = json.loads((tmp_path / "audit" / "r001.json").read_text())
     assert record["model"]["uri"] == "models:/cul-world/2" and record["model"]["dvc_stage"] == "step@s02"
     assert record["evidence"]["earlier_forgotten_ua"] == {"circle": 1.0}
     text = md.read_text()
     assert "GDPR art. 17" in text and "UA when named `scarlet`" in text and "dvc repro step@s02" in text
+    assert record["recipe"]["name"] == "dfr" and record["recipe"]["config"]["method"] == "dfr"

@@ -7,10 +7,9 @@ import asyncio
 import json
 import sys
 
-import pytest
 import yaml
 
-from conftest import ROOT
+from tests.support import ROOT
 
 
 def _render(values: dict) -> dict:

@@ -104,5 +104,6 @@ def test_tiny_sd_save_load_roundtrip(tiny_sd, tmp_path):
     original = tiny_sd.unet.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in loaded.unet.state_dict().items())
     with torch.no_grad():
-        assert torch.allclose(tiny_sd.predict_noise(z, torch.tensor([5]), ctx),
-                              loaded.predict_noise(z, torch.tensor([5]), ctx), atol=1e-5)
+        assert torch.allclose(
+            tiny_sd.predict_noise(z, torch.tensor([5]), ctx), loaded.predict_noise(z, torch.tensor([5]), ctx), atol=1e-5
+        )

@@ -13,24 +13,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import copy_project, tiny_params
-from servers import cul
+from tests.support.project import copy_project, tiny_params
+from tests.support.servers import cul
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
 def _prefect(project: Path, env: dict, *args: str, timeout: float = 600) -> str:
-    p = subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, f"prefect {' '.join(args)}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 
 
 def _flow_run_state(env: dict, name: str) -> str:
-    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", method="POST",
-                                 data=json.dumps({"flow_runs": {"name": {"any_": [name]}}}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/flow_runs/filter",
+        method="POST",
+        data=json.dumps({"flow_runs": {"name": {"any_": [name]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         runs = json.loads(r.read())
     return runs[0]["state_type"] if runs else "MISSING"
@@ -38,9 +42,19 @@ def _flow_run_state(env: dict, name: str) -> str:
 
 def test_scheduled_deployment_runs_once_through_a_worker(servers, tmp_path):
     project = copy_project(tmp_path / "project")
-    tiny_params(project, gate={"min_ua": 0.0, "max_drop_in": 1.0, "max_drop_cross": 1.0, "max_drop_neighbour": 1.0,
-                               "max_drop_vs_previous": 1.0, "max_fd_ratio": 1000.0, "min_ua_earlier": 0.0},
-                tracking={"experiment": "cul-scheduled", "registered_model": "cul-world-scheduled"})
+    tiny_params(
+        project,
+        gate={
+            "min_ua": 0.0,
+            "max_drop_in": 1.0,
+            "max_drop_cross": 1.0,
+            "max_drop_neighbour": 1.0,
+            "max_drop_vs_previous": 1.0,
+            "max_fd_ratio": 1000.0,
+            "min_ua_earlier": 0.0,
+        },
+        tracking={"experiment": "cul-scheduled", "registered_model": "cul-world-scheduled"},
+    )
     cul(project, servers, "request", "add", "yellow")
     _prefect(project, servers, "work-pool", "create", "cul-local", "--type", "process", "--overwrite")
     _prefect(project, servers, "--no-prompt", "deploy", "--name", "scheduled")

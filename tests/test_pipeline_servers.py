@@ -2,7 +2,8 @@
 
 Two quick requests through the continual flow, with the DVC remote and MLflow artifacts in S3;
 an impossible gate that must leave the champion alone; a person moving `champion` back to
-version 1 in the MLflow UI (a real browser); and `dvc repro` of a step in a fresh clone that gives the recorded metrics back.
+version 1 in the MLflow UI (a real browser); and `dvc repro` of a step in a fresh clone that gives
+the recorded metrics back.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import copy_project, tiny_params
-from browser import require_chromium, set_alias_in_ui
-from servers import cul, s3_keys, use_s3_remote
+from tests.support.browser import require_chromium, set_alias_in_ui
+from tests.support.project import copy_project, tiny_params
+from tests.support.servers import cul, s3_keys, use_s3_remote
 
 pytestmark = pytest.mark.slow
 MODEL = "cul-world"
-PERMISSIVE = {"min_ua": 0.0, "max_drop_in": 1.0, "max_drop_cross": 1.0, "max_drop_neighbour": 1.0,
-              "max_drop_vs_previous": 1.0, "max_fd_ratio": 1000.0, "min_ua_earlier": 0.0}
+PERMISSIVE = {
+    "min_ua": 0.0,
+    "max_drop_in": 1.0,
+    "max_drop_cross": 1.0,
+    "max_drop_neighbour": 1.0,
+    "max_drop_vs_previous": 1.0,
+    "max_fd_ratio": 1000.0,
+    "min_ua_earlier": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +100,10 @@ def test_impossible_gate_rejects_and_keeps_champion(project, servers):
     item = _queue(project)["r003"]
     assert item["state"] == "review" and any("FD" in r for r in item["reasons"])
     assert not (project / "models/steps/s03").exists()
-    runs = client.search_runs([client.get_experiment_by_name("cul-continual-unlearning").experiment_id],
-                              filter_string="tags.gate = 'rejected'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("cul-continual-unlearning").experiment_id],
+        filter_string="tags.gate = 'rejected'",
+    )
     assert runs, "the rejected attempt must be an MLflow run too"
 
 
@@ -125,8 +135,9 @@ def test_dvc_repro_of_a_step_in_a_fresh_clone_gives_the_recorded_metrics(project
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run(dvc + ["pull", "step@s01"], cwd=clone, env=servers, check=True, capture_output=True)
     assert (clone / "models/steps/s01/cul_model.json").exists()
-    p = subprocess.run(dvc + ["repro", "--force", "--single-item", "step@s02"], cwd=clone, env=servers,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        dvc + ["repro", "--force", "--single-item", "step@s02"], cwd=clone, env=servers, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     again = json.loads((clone / "reports/steps/s02/metrics.json").read_text())
     for key in ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd", "per_concept", "paraphrase_ua"):

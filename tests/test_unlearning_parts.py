@@ -23,11 +23,14 @@ def test_request_resolves_a_concept_by_name():
     assert r.concept == "circle" and r.kind.value == "object"
 
 
-@pytest.mark.parametrize("text,forgotten,match", [
-    ("banana", [], "unknown concept"),
-    ("crimson", [], "synonym of 'red'"),
-    ("circle", ["circle"], "already forgotten"),
-])
+@pytest.mark.parametrize(
+    "text,forgotten,match",
+    [
+        ("banana", [], "unknown concept"),
+        ("crimson", [], "synonym of 'red'"),
+        ("circle", ["circle"], "already forgotten"),
+    ],
+)
 def test_bad_requests_fail_loudly(text, forgotten, match):
     with pytest.raises(RequestError, match=match):
         resolve_request(Request(concept=text), forgotten=forgotten)
@@ -55,8 +58,9 @@ def _mentions(prompt, name):
 
 
 def test_prompt_set_maps_each_forget_prompt_to_a_surrogate_in_the_same_context(text_encoder):
-    ps = build_prompt_set("circle", forgotten_before=["red"], surrogates=["square", "triangle"],
-                          text_encoder=text_encoder)
+    ps = build_prompt_set(
+        "circle", forgotten_before=["red"], surrogates=["square", "triangle"], text_encoder=text_encoder
+    )
     assert len(ps.forget) == len(ps.mapped) >= 64
     for f, m in zip(ps.forget, ps.mapped):
         assert _mentions(f, "circle") and not _mentions(m, "circle")
@@ -126,21 +130,30 @@ def test_world_unet_projector_covers_every_text_reading_linear(tiny_world_model)
     assert set(proj.P) == set(layers)
 
 
-@pytest.mark.parametrize("prompt,moves_other_words", [("circle", False),
-                                                       ("a red circle on a striped background", True)])
-def test_esd_on_the_concept_name_moves_text_weights_only_along_its_own_tokens(tiny_world_model, prompt,
-                                                                              moves_other_words):
-    """Why `esd_prompt: concept` is ESD as published: the gradient of a text-reading linear map is
+@pytest.mark.parametrize(
+    "prompt,moves_other_words", [("circle", False), ("a red circle on a striped background", True)]
+)
+def test_esd_on_the_concept_name_moves_text_weights_only_along_its_own_tokens(
+    tiny_world_model, prompt, moves_other_words
+):
+    """Why `erase: concept` is ESD as published: the gradient of a text-reading linear map is
     sum_i dout_i x_i^T over the prompt's tokens, so erasing the name alone cannot touch directions
     that only other words use; erasing the whole caption can (and does, see the benchmark)."""
-    from cul.unlearning.methods import Batch, esd_loss
+    from cul.unlearning.batches import ForgetBatch
+    from cul.unlearning.objectives import ESD
+    from cul.unlearning.recipes import ESDRecipe
 
     teacher = tiny_world_model
     student = teacher.copy()
     select_parameters(student.unet, "xattn_kv")
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn((4, *teacher.latent_shape()), generator=gen)
-    esd_loss(student, teacher, Batch([prompt] * 4, ["square"] * 4, x0, None), gen).backward()
+
+    class OneBatch:  # what `Batches` hands the objective: here a fixed batch of `prompt`
+        def forget(self, gen):
+            return ForgetBatch("circle", [prompt] * 4, ["square"] * 4, x0, None)
+
+    ESD(ESDRecipe(erase="context"), teacher).forget_term(student, OneBatch(), gen).backward()
     own = GradientProjector.from_prompts(student, ["circle"], eps=1e-10, dedupe_cos=0.999999)
     residuals = []
     for name, layer in own.layers.items():
@@ -198,8 +211,9 @@ def test_l2sp_gradient_equals_its_formula():
 def test_trainable_sets(tiny_world_model):
     unet = tiny_world_model.unet
     kv = select_parameters(unet, "xattn_kv")
-    assert all(".attn2.to_k." in n or ".attn2.to_v." in n or n.startswith(("encoder_hid_proj", "add_embedding"))
-               for n in kv)
+    assert all(
+        ".attn2.to_k." in n or ".attn2.to_v." in n or n.startswith(("encoder_hid_proj", "add_embedding")) for n in kv
+    )
     assert not any(p.requires_grad for n, p in unet.named_parameters() if n not in kv)
     everything = select_parameters(unet, "all")
     assert len(everything) == len(list(unet.parameters()))
@@ -212,7 +226,7 @@ def test_resolve_still_works_for_held_out_words():
 
 
 def test_tail_average_returns_the_mean_of_the_averaged_iterates_only():
-    from cul.unlearning.trainer import TailAverage
+    from cul.unlearning.regularizers import TailAverage
 
     w = nn.Parameter(torch.zeros(3))
     avg = TailAverage({"w": w}, first_step=2)

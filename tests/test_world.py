@@ -40,7 +40,7 @@ def test_each_attribute_changes_the_image_where_it_should():
     rng = lambda: np.random.default_rng(0)  # noqa: E731
     base = w.render(w.Scene("square", "blue", "plain"), 32, rng())
     colour = w.render(w.Scene("square", "red", "plain"), 32, rng())
-    shape_mask = (np.abs(base - base[0, 0]).sum(-1) > 0.1)
+    shape_mask = np.abs(base - base[0, 0]).sum(-1) > 0.1
     # colour changes only shape pixels
     diff = np.abs(colour - base).sum(-1) > 0.05
     assert diff.any() and not (diff & ~shape_mask).any()

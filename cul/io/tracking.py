@@ -58,20 +58,27 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.settings.experiment)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(self.settings.experiment,
-                                             artifact_location=self.settings.resolved_artifacts())
+        return self.client.create_experiment(
+            self.settings.experiment, artifact_location=self.settings.resolved_artifacts()
+        )
 
     # -- runs ------------------------------------------------------------------------------------
     # Runs are opened by id and resumed where work happens, so a Prefect task in any thread or
     # process can log to them.
     def open_request(self, request_id: str, concept: str, tags: dict[str, str] | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{request_id}-forget-{concept}",
-                                     tags={"request_id": request_id, "concept": concept, **(tags or {})})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{request_id}-forget-{concept}",
+            tags={"request_id": request_id, "concept": concept, **(tags or {})},
+        )
         return run.info.run_id
 
-    def open_attempt(self, parent_run_id: str, attempt: int, params: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"attempt-{attempt}",
-                                     tags={"mlflow.parentRunId": parent_run_id, "attempt": str(attempt)})
+    def open_attempt(self, parent_run_id: str, attempt: int, params: dict, tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"attempt-{attempt}",
+            tags={"mlflow.parentRunId": parent_run_id, "attempt": str(attempt), **(tags or {})},
+        )
         from mlflow.entities import Param
 
         self.client.log_batch(run.info.run_id, params=[Param(k, _short(v)) for k, v in params.items()])
@@ -86,6 +93,10 @@ class Tracker:
     def close(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def set_outcome(self, run_id: str, outcome: str) -> None:
+        """What became of the request (`version N`, `review`), as the run's `outcome` tag."""
+        self.client.set_tag(run_id, "outcome", outcome)
+
     def log_attempt(self, run_id: str, metrics: dict, verdict, report_dir: Path) -> None:
         """Metrics (training losses as series), the gate's checks and reasons, and the attempt's
         evaluation files."""
@@ -97,9 +108,18 @@ class Tracker:
             for row in metrics.get("history", []):
                 self.mlflow.log_metrics({f"train.{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
             self.mlflow.log_metric("gate_accepted", float(verdict.accepted))
-            self.mlflow.set_tags({"gate": "accepted" if verdict.accepted else "rejected",
-                                  "gate_reasons": "; ".join(verdict.reasons)[:4900] or "-"})
+            self.mlflow.set_tags(
+                {
+                    "gate": "accepted" if verdict.accepted else "rejected",
+                    "gate_reasons": "; ".join(verdict.reasons)[:4900] or "-",
+                }
+            )
             self.mlflow.log_dict(verdict.model_dump(), "gate.json")
+            if metrics.get("recipe") is not None:  # what made the attempt (cul.io.provenance)
+                self.mlflow.log_dict(
+                    {k: metrics.get(k) for k in ("recipe_name", "recipe_hash", "git_commit", "git_dirty", "recipe")},
+                    "recipe.json",
+                )
             for f in sorted(Path(report_dir).glob("*")):
                 if f.is_file():
                     self.mlflow.log_artifact(str(f), "evaluation")
@@ -111,8 +131,12 @@ class Tracker:
         name = self.settings.registered_model
         with self.resume(run_id):
             info = self.mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"weights": str(model_dir)}, pip_requirements=["cul"], registered_model_name=name)
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"weights": str(model_dir)},
+                pip_requirements=["cul"],
+                registered_model_name=name,
+            )
         version = int(info.registered_model_version)
         for k, v in tags.items():
             self.client.set_model_version_tag(name, str(version), k, str(v))
@@ -121,14 +145,21 @@ class Tracker:
             self.promote(version)
         return version
 
+    def tag_version(self, version: int, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.settings.registered_model, str(version), key, str(value))
+
     def promote(self, version: int) -> None:
         self.client.get_model_version(self.settings.registered_model, str(version))  # raises if unknown
         self.client.set_registered_model_alias(self.settings.registered_model, CHAMPION, str(version))
 
     def version_info(self, version: int) -> ChampionInfo:
         mv = self.client.get_model_version(self.settings.registered_model, str(version))
-        return ChampionInfo(version=int(mv.version), step=mv.tags.get("step"),
-                            forgotten=json.loads(mv.tags.get("forgotten", "[]")), run_id=mv.run_id)
+        return ChampionInfo(
+            version=int(mv.version),
+            step=mv.tags.get("step"),
+            forgotten=json.loads(mv.tags.get("forgotten", "[]")),
+            run_id=mv.run_id,
+        )
 
     def champion(self) -> ChampionInfo | None:
         """The version the next step starts from, or None (no registered model or no champion)."""
@@ -153,16 +184,14 @@ class Tracker:
             by_version.setdefault(str(v), []).append(alias)
         out = []
         for mv in self.client.search_model_versions(f"name='{name}'"):
-            out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
-                        **mv.tags})
+            out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])), **mv.tags})
         return sorted(out, key=lambda r: r["version"])
 
     def fetch_weights(self, version: int, dest: Path) -> Path:
         """The version's weights in `dest` (downloaded from the artifact store if not there)."""
         if (dest / "cul_model.json").exists():
             return dest
-        tmp = Path(self.mlflow.artifacts.download_artifacts(
-            f"models:/{self.settings.registered_model}/{version}"))
+        tmp = Path(self.mlflow.artifacts.download_artifacts(f"models:/{self.settings.registered_model}/{version}"))
         src = tmp / "artifacts" / "weights"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dest, dirs_exist_ok=True)

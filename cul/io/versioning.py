@@ -68,6 +68,15 @@ class Versioner:
         self.git("add", "--", *present)
         if not self.git("diff", "--cached", "--name-only"):
             return self.head()
-        self.git("-c", "user.name=cul-pipeline", "-c", "user.email=cul-pipeline@localhost",
-                 "commit", "-q", "--no-verify", "-m", message)
+        self.git(
+            "-c",
+            "user.name=cul-pipeline",
+            "-c",
+            "user.email=cul-pipeline@localhost",
+            "commit",
+            "-q",
+            "--no-verify",
+            "-m",
+            message,
+        )
         return self.head()

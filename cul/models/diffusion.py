@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -46,7 +46,7 @@ class WorldUNetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_size: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     cross_attention_dim: int = 64
     attention_head_dim: int = 8
@@ -84,8 +84,13 @@ class DiffusionModel:
 
     kind: str = "base"
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text: TextEncoder,
-                 sampling: SamplingConfig | None = None) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        text: TextEncoder,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
         self.unet = unet
         self.scheduler = scheduler
         self.text = text
@@ -169,13 +174,13 @@ class DiffusionModel:
         """Images in [0, 1], NCHW."""
         return self.to_images(self.sample_latents(prompts, seed=seed, **kw))
 
-    def copy(self) -> "DiffusionModel":
+    def copy(self) -> DiffusionModel:
         """A deep copy of the trainable part (the UNet); the frozen encoder is shared."""
         clone = copy.copy(self)
         clone.unet = copy.deepcopy(self.unet)
         return clone
 
-    def with_unet(self, path: str | Path) -> "DiffusionModel":
+    def with_unet(self, path: str | Path) -> DiffusionModel:
         """A copy whose UNet is loaded from `path` (a benchmark step's `steps/NN/unet`): the
         unlearning methods save only the UNet, everything else is the base model's."""
         path = Path(path)
@@ -195,7 +200,7 @@ class WorldDiffusion(DiffusionModel):
     kind = "world"
 
     @classmethod
-    def from_config(cls, config: WorldUNetConfig, sampling: SamplingConfig | None = None) -> "WorldDiffusion":
+    def from_config(cls, config: WorldUNetConfig, sampling: SamplingConfig | None = None) -> WorldDiffusion:
         text = TextEncoder.from_minilm(config.text_max_length)
         return cls(config.build(text.dim), train_scheduler(), text, sampling)
 
@@ -213,7 +218,7 @@ class WorldDiffusion(DiffusionModel):
         (path / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, text: TextEncoder | None = None) -> "WorldDiffusion":
+    def from_pretrained(cls, path: str | Path, text: TextEncoder | None = None) -> WorldDiffusion:
         path = Path(path)
         meta = json.loads((path / MODEL_FILE).read_text())
         unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
@@ -255,12 +260,15 @@ class StableDiffusion(DiffusionModel):
         (path / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "StableDiffusion":
+    def from_pretrained(cls, path: str | Path) -> StableDiffusion:
         from diffusers import StableDiffusionPipeline
 
         path = Path(path)
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
+            path,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,
             local_files_only=True,
         )
         sampling = None

@@ -11,8 +11,13 @@ from __future__ import annotations
 import torch
 
 
-def ties_merge(base: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]], keys: list[str],
-               k: float = 0.5, lam: float = 1.5) -> dict[str, torch.Tensor]:
+def ties_merge(
+    base: dict[str, torch.Tensor],
+    finetuned: list[dict[str, torch.Tensor]],
+    keys: list[str],
+    k: float = 0.5,
+    lam: float = 1.5,
+) -> dict[str, torch.Tensor]:
     """A new state dict: `base` with the TIES merge of `finetuned` applied to `keys`."""
     if not 0 < k <= 1:
         raise ValueError(f"TIES keeps a fraction k in (0, 1] of each task vector, got {k}")

@@ -14,9 +14,9 @@ DFR's recipe, on the world's vocabulary:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,12 +64,13 @@ class PromptSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "PromptSet":
+    def load(cls, path: str | Path) -> PromptSet:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def scene_prompt(scene: Scene, rng: np.random.Generator, template: str | None = None,
-                 swap: tuple[Kind, str] | None = None) -> tuple[str, str | None]:
+def scene_prompt(
+    scene: Scene, rng: np.random.Generator, template: str | None = None, swap: tuple[Kind, str] | None = None
+) -> tuple[str, str | None]:
     """A training-style caption of a scene (random template and synonyms); with `swap`, also the
     same caption with the concept of that kind replaced by another name (the mapped prompt)."""
     template = template or TRAIN_TEMPLATES[rng.integers(len(TRAIN_TEMPLATES))]
@@ -140,6 +141,7 @@ def build_prompt_set(
     forget, mapped = [], []
     for j, i in enumerate(idx):
         p, m = scene_prompt(contexts[i], rng, swap=(kind, surrogates[j % len(surrogates)]))
+        assert m is not None  # a swap always gives the mapped caption
         forget.append(p)
         mapped.append(m)
     # a few partial captions too ("a red circle"): the concept without full context
@@ -174,7 +176,7 @@ def build_prompt_set(
                 retain["retained"].append(scene_prompt(pool[i], rng)[0])
     clean = _clean_scenes(gone)
     retain["unrelated"].append("")  # the unconditional prompt used by classifier-free guidance
-    for key, templates in PARTIAL_TEMPLATES.items():
+    for templates in PARTIAL_TEMPLATES.values():
         for i in rng.permutation(len(clean))[:6]:
             s = clean[i]
             retain["unrelated"].append(fill(templates[0], o=s.object, c=s.colour, t=s.texture))
@@ -191,13 +193,23 @@ def build_prompt_set(
     # coverage: its own stream, so the groups above stay what they were before it existed
     crng = np.random.default_rng([seed, 1])
     coverage = [scene_prompt(clean[i], crng)[0] for i in crng.permutation(len(clean))[:n_coverage]]
-    return PromptSet(name, kind.value, forget, mapped, list(surrogates), neighbours, retain, coverage,
-                     forgotten_mapped)
+    return PromptSet(
+        name,
+        kind.value,
+        forget,
+        mapped,
+        list(surrogates),
+        neighbours,
+        retain,
+        coverage,
+        forgotten_mapped,
+    )
 
 
 @torch.no_grad()
-def rank_surrogates(model, name: str, candidates: Sequence[str], n_prompts: int = 8, draws: int = 32,
-                    seed: int = 0) -> list[tuple[str, float]]:
+def rank_surrogates(
+    model, name: str, candidates: Sequence[str], n_prompts: int = 8, draws: int = 32, seed: int = 0
+) -> list[tuple[str, float]]:
     """Candidates ordered by how close their noise predictions are to the concept's (mean MSE over
     `draws` random (x_t, t) under the current model, on the same contexts)."""
     c = concept(name)
@@ -214,8 +226,9 @@ def rank_surrogates(model, name: str, candidates: Sequence[str], n_prompts: int 
     ctx = model.encode_prompts([base_prompts[i % len(base_prompts)] for i in range(draws)])
     target = model.predict_noise(x, t, ctx)
     for cand in candidates:
-        prompts = [fill(template, **{SLOT[k]: (cand if k == c.kind else getattr(s, FIELD[k])) for k in SLOT})
-                   for s in scenes]
+        prompts = [
+            fill(template, **{SLOT[k]: (cand if k == c.kind else getattr(s, FIELD[k])) for k in SLOT}) for s in scenes
+        ]
         ctx_c = model.encode_prompts([prompts[i % len(prompts)] for i in range(draws)])
         scores[cand] = float(((model.predict_noise(x, t, ctx_c) - target) ** 2).mean())
     return sorted(scores.items(), key=lambda kv: kv[1])

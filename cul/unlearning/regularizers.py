@@ -3,13 +3,15 @@
 - `select_parameters`: the whole UNet, cross-attention only, or cross-attention K/V only.
 - `ParameterAnchor`: L1SP / L2SP (mean over trained parameters, CUR) and DFR's L_reg (sum).
 - `SelectiveMask`: SelFT, train only the top-k most important elements (|theta * g|).
+- `TailAverage`: the mean of a step's last iterates (Polyak / SWA tail averaging).
 - `GradientProjector`: CUR's projection, G <- G P on every linear map that reads the text context
   (cross-attention K and V), so W c is unchanged for c in the protected span.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -23,8 +25,11 @@ TEXT_PATH = ("encoder_hid_proj", "add_embedding")
 def text_input_linears(unet: nn.Module) -> dict[str, nn.Linear]:
     """The linear maps that read the text context: cross-attention K and V, plus (world UNet)
     the context projection and the pooled-text embedding that feeds the time embedding."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, nn.Linear)
-            and (name.endswith((".attn2.to_k", ".attn2.to_v")) or name.startswith(TEXT_PATH))}
+    return {
+        name: m
+        for name, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and (name.endswith((".attn2.to_k", ".attn2.to_v")) or name.startswith(TEXT_PATH))
+    }
 
 
 def text_path_parameters(unet: nn.Module) -> list[str]:
@@ -70,7 +75,7 @@ class ParameterAnchor:
 
     def l2_sum(self) -> torch.Tensor:
         """DFR's L_reg: sum ||theta - theta_{k-1}||^2."""
-        return sum(((p - self.reference[n]) ** 2).sum() for n, p in self.params.items())
+        return cast(torch.Tensor, sum(((p - self.reference[n]) ** 2).sum() for n, p in self.params.items()))
 
     def l2_mean(self) -> torch.Tensor:
         """CUR's L2SP: mean (theta - theta_ref)^2 over every trained element."""
@@ -78,7 +83,7 @@ class ParameterAnchor:
 
     def l1_mean(self) -> torch.Tensor:
         """CUR's L1SP: mean |theta - theta_ref|."""
-        return sum((p - self.reference[n]).abs().sum() for n, p in self.params.items()) / self.numel
+        return cast(torch.Tensor, sum((p - self.reference[n]).abs().sum() for n, p in self.params.items()) / self.numel)
 
     def drift(self) -> float:
         """Euclidean distance to the reference (for reports)."""
@@ -104,7 +109,9 @@ class SelectiveMask:
         self.fraction = fraction
 
     @staticmethod
-    def importance(params: dict[str, nn.Parameter], loss_fn: Callable[[], torch.Tensor], batches: int) -> dict[str, torch.Tensor]:
+    def importance(
+        params: dict[str, nn.Parameter], loss_fn: Callable[[], torch.Tensor], batches: int
+    ) -> dict[str, torch.Tensor]:
         """|theta * g| with g the eraser's gradient accumulated over `batches` sampled batches."""
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         for _ in range(batches):
@@ -133,7 +140,9 @@ class SelectiveMask:
         return sum(int(m.sum()) for m in self.mask.values()) / total
 
 
-def projection_matrix(c: torch.Tensor, eps: float = 1e-4, dedupe_cos: float = 0.95, max_rank: int | None = None) -> torch.Tensor:
+def projection_matrix(
+    c: torch.Tensor, eps: float = 1e-4, dedupe_cos: float = 0.95, max_rank: int | None = None
+) -> torch.Tensor:
     """P = I - C (C^T C + eps I)^-1 C^T for C = [d x n] (columns: protected inputs).
 
     Near-duplicate columns (cosine >= `dedupe_cos`) are dropped first. With `max_rank`, C is
@@ -163,9 +172,11 @@ def text_layer_inputs(model, prompts: list[str]) -> tuple[dict[str, nn.Linear], 
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for name, layer in layers.items():
+
         def hook(mod, args, name=name):
             if name not in captured:  # the context is the same at every denoising step
                 captured[name] = args[0].reshape(-1, args[0].shape[-1]).detach().cpu()
+
         hooks.append(layer.register_forward_pre_hook(hook))
     try:
         ctx = model.encode_prompts(prompts)
@@ -184,19 +195,29 @@ class GradientProjector:
     through that very layer's input (forward pre-hooks), so the same code serves the world model
     and Stable Diffusion. After `loss.backward()`, `project()` replaces G by G P."""
 
-    def __init__(self, layers: dict[str, nn.Linear], inputs: dict[str, torch.Tensor], eps: float = 1e-4,
-                 dedupe_cos: float = 0.95, max_rank: int | None = None, frozen: Iterable[nn.Parameter] = ()) -> None:
+    def __init__(
+        self,
+        layers: dict[str, nn.Linear],
+        inputs: dict[str, torch.Tensor],
+        eps: float = 1e-4,
+        dedupe_cos: float = 0.95,
+        max_rank: int | None = None,
+        frozen: Iterable[nn.Parameter] = (),
+    ) -> None:
         self.layers = layers
         self.P = {n: projection_matrix(inputs[n].T, eps, dedupe_cos, max_rank) for n in layers}
         # biases and norms on the text path would shift W c + b for every prompt: held still
         self.frozen = list(frozen)
 
     @classmethod
-    def from_prompts(cls, model, prompts: list[str], **kw) -> "GradientProjector":
+    def from_prompts(cls, model, prompts: list[str], **kw) -> GradientProjector:
         layers, captured = text_layer_inputs(model, prompts)
         weights = {id(m.weight) for m in layers.values()}
-        frozen = [p for n, p in model.unet.named_parameters()
-                  if id(p) not in weights and (n.startswith(TEXT_PATH) or (".attn2.to_k." in n or ".attn2.to_v." in n))]
+        frozen = [
+            p
+            for n, p in model.unet.named_parameters()
+            if id(p) not in weights and (n.startswith(TEXT_PATH) or (".attn2.to_k." in n or ".attn2.to_v." in n))
+        ]
         return cls(layers, captured, frozen=frozen, **kw)
 
     def project(self) -> None:
@@ -206,3 +227,28 @@ class GradientProjector:
                 layer.weight.grad = g @ self.P[n].to(g.device)
         for p in self.frozen:
             p.grad = None
+
+
+class TailAverage:
+    """Running mean of the trainable parameters over the steps from `first_step` on. Not torch's
+    `swa_utils.AveragedModel`, which copies the whole module: this keeps only what trains (the
+    cross-attention K/V subset on SD is a small part of its UNet)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], first_step: int) -> None:
+        self.params, self.first_step, self.count = params, first_step, 0
+        self.mean = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step < self.first_step:
+            return
+        self.count += 1
+        for n, p in self.params.items():
+            self.mean[n].add_(p.detach() - self.mean[n], alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Write the mean into the parameters (a no-op before the first averaged step)."""
+        if self.count:
+            for n, p in self.params.items():
+                p.copy_(self.mean[n])

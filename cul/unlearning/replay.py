@@ -9,8 +9,8 @@ can be compared. Both hand out x0 (in the UNet's space) for given prompt indices
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,8 +29,16 @@ class ReplayBuffer:
         return len(self.prompts)
 
     @classmethod
-    def generate(cls, teacher, prompts: Sequence[str], seed: int, steps: int = 20, guidance: float = 1.0,
-                 copies: int = 1, progress: bool = False) -> "ReplayBuffer":
+    def generate(
+        cls,
+        teacher,
+        prompts: Sequence[str],
+        seed: int,
+        steps: int = 20,
+        guidance: float = 1.0,
+        copies: int = 1,
+        progress: bool = False,
+    ) -> ReplayBuffer:
         """`copies` samples per prompt (different noise), DDIM without guidance by default (DFR)."""
         prompts = [p for p in prompts for _ in range(copies)]
         x0 = teacher.sample_latents(prompts, seed=seed, steps=steps, guidance=guidance, progress=progress)
@@ -47,7 +55,7 @@ class ReplayBuffer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReplayBuffer":
+    def load(cls, path: str | Path) -> ReplayBuffer:
         path = Path(path)
         return cls(json.loads((path / "prompts.json").read_text()), load_file(path / "x0.safetensors")["x0"])
 
@@ -69,8 +77,12 @@ class OnlineReplay:
 
     def take(self, idx: list[int]) -> torch.Tensor:
         """Fresh teacher samples of the indexed prompts (a new seed every call)."""
-        x0 = self.teacher.sample_latents([self.prompts[i] for i in idx], seed=self.seed * 100_003 + self.calls,
-                                         steps=self.steps, guidance=self.guidance)
+        x0 = self.teacher.sample_latents(
+            [self.prompts[i] for i in idx],
+            seed=self.seed * 100_003 + self.calls,
+            steps=self.steps,
+            guidance=self.guidance,
+        )
         self.calls += 1
         self.images_generated += len(idx)
         return x0.cpu()

@@ -7,11 +7,12 @@ synonym of a concept (forgetting "crimson" alone would damage "red", which stays
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from cul.world import CONCEPTS, Kind, resolve
+from cul.world import CONCEPTS, Kind, concept, resolve
 
 KindName = Literal["object", "colour", "texture", "other"]
 
@@ -63,7 +64,7 @@ def _resolve_names(words: list[str], what: str) -> list[str]:
     return out
 
 
-def resolve_request(request: Request, forgotten: list[str] = (), protected: list[str] = ()) -> ResolvedRequest:
+def resolve_request(request: Request, forgotten: Sequence[str] = (), protected: Sequence[str] = ()) -> ResolvedRequest:
     """Check a request against the vocabulary and the concepts forgotten so far."""
     c = resolve(request.concept)
     if c is None:
@@ -86,7 +87,7 @@ def resolve_request(request: Request, forgotten: list[str] = (), protected: list
     for s in surrogates:
         if s == c.name or s in forgotten:
             raise RequestError(f"surrogate {s!r} is the concept itself or already forgotten")
-        if resolve(s).kind != c.kind:
+        if concept(s).kind != c.kind:
             raise RequestError(f"surrogate {s!r} is not a(n) {c.kind.value}")
     if c.name in retain:
         raise RequestError(f"{c.name!r} is both the concept to forget and a concept to retain")

@@ -1,0 +1,192 @@
+"""The benchmark: a sequence of deletion requests with one recipe, evaluated after every step.
+
+Three ways to reach theta_k:
+- sequential: theta_{k-1} -> theta_k with the recipe's eraser (the continual setting);
+- simultaneous (`mode: simultaneous`): every concept so far at once from theta_0 (the reference);
+- TIES (`addons.ties`): each concept erased from theta_0 on its own, then TIES-merged.
+
+Resumable per step: each finished step's weights, prompts and metrics are on disk, and a rerun
+continues after the last one, but only with the recipe that made them (a name is never reused for
+another recipe). Every entry of `results.json` records the recipe, its hash and the git commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+
+from cul.evaluation import Evaluator, weight_drift
+from cul.fmt import pct, times
+from cul.io.provenance import provenance
+from cul.unlearning.merging import ties_merge
+from cul.unlearning.preparation import merge_prompt_sets, prepare_step
+from cul.unlearning.prompts import PromptSet, build_prompt_set
+from cul.unlearning.recipes import Recipe, recipe_hash
+from cul.unlearning.regularizers import trainable_names
+from cul.unlearning.request import Request, resolve_request
+from cul.unlearning.trainer import unlearn
+from cul.world import CONCEPTS, concept
+
+
+class BenchmarkError(ValueError):
+    """A benchmark that cannot run as asked; the message says why."""
+
+
+def load_sequence(path: str | Path) -> list[Request]:
+    """A YAML list of requests: [{concept: circle, kind: object}, ...] (or under `requests:`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no such sequence file")
+    data = yaml.safe_load(path.read_text())
+    items = data.get("requests", data) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise BenchmarkError(f"{path}: expected a non-empty list of requests")
+    return [Request(**(i if isinstance(i, dict) else {"concept": str(i)})) for i in items]
+
+
+def sequence_concepts(requests: Sequence[Request]) -> list[str]:
+    """The concept names of a sequence, as a fresh model resolves them (the benchmark's FD set
+    avoids all of them)."""
+    return [resolve_request(r, []).concept for r in requests]
+
+
+def step_unet(out: str | Path, k: int) -> Path:
+    """Where `run_sequence` saves the UNet after request k (1-based)."""
+    return Path(out) / "steps" / f"{k:02d}" / "unet"
+
+
+def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
+    """Surrogates that are not themselves being forgotten (else any retained concept of the kind)."""
+    keep = [x for x in surrogates if x not in gone]
+    return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
+
+
+def _load_results(out: Path, recipe: Recipe, name: str, log: Callable) -> list[dict]:
+    results_file = out / "results.json"
+    results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
+    made_by = {r.get("recipe_hash") for r in results}
+    if results and made_by != {recipe_hash(recipe)}:
+        raise BenchmarkError(
+            f"{results_file} was made by another recipe (hash {', '.join(sorted(map(str, made_by)))}, this one "
+            f"{recipe_hash(recipe)}): give this recipe its own name or --out folder"
+        )
+    if results and not step_unet(out, len(results)).exists():
+        log(
+            f"[{name}] {results_file} has {len(results)} step(s) but their weights are not on disk "
+            f"({out / 'steps'} is not committed): starting again from the first request"
+        )
+        results = []
+    return results
+
+
+def run_sequence(
+    base_model,
+    evaluator: Evaluator,
+    requests: list[Request],
+    recipe: Recipe,
+    out: str | Path,
+    name: str = "",
+    max_steps: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Process `requests` in order; write OUT/results.json after every step; resume if present."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = _load_results(out, recipe, name, log)
+    made_by = provenance(name, recipe)
+    base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
+    if not evaluator.has_base:
+        evaluator.set_base(base_model)
+    model = base_model
+    forgotten: list[str] = [r["concept"] for r in results]
+    if results:
+        model = base_model.with_unet(step_unet(out, len(results)))
+        log(f"[{name}] resuming after step {len(results)} ({', '.join(forgotten)})")
+    sets = [PromptSet.load(out / "steps" / f"{i + 1:02d}" / "prompts.json") for i in range(len(results))]
+    ties = recipe.addons.ties
+    ties_states = (
+        [
+            UNet2DConditionModel.from_pretrained(
+                out / "steps" / f"{i + 1:02d}" / "single", use_safetensors=True
+            ).state_dict()
+            for i in range(len(results))
+        ]
+        if ties
+        else []
+    )
+    chained = recipe.mode == "sequential" and ties is None
+    todo = requests[len(results) :]
+    if max_steps is not None:
+        todo = todo[: max(0, max_steps - len(results))]
+    for request in todo:
+        k = len(results) + 1
+        step_dir = out / "steps" / f"{k:02d}"
+        t0 = time.perf_counter()
+        start = model if chained else base_model
+        ps = prepare_step(start, request, forgotten if chained else [], recipe, seed=k)
+        train_set, step_recipe = ps, recipe
+        if recipe.mode == "simultaneous":
+            # context prompts must avoid every concept of the batch: rebuild each set knowing all of them
+            names = forgotten + [ps.concept]
+            sets_now = [
+                build_prompt_set(
+                    c,
+                    [x for x in names if x != c],
+                    _valid(s.surrogates, c, names),
+                    text_encoder=base_model.text,
+                    seed=i + 1,
+                )
+                for i, (c, s) in enumerate(zip(names, sets + [ps]))
+            ]
+            train_set, step_recipe = merge_prompt_sets(sets_now), recipe.with_steps(recipe.steps * len(names))
+        result = unlearn(start, train_set, step_recipe.for_request(k), progress=progress, base=base_model)
+        student = result.student
+        if ties is not None:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            student.unet.save_pretrained(step_dir / "single", safe_serialization=True)
+            ties_states.append(student.unet.state_dict())
+            keys = trainable_names(base_model.unet, recipe.trainable)
+            merged = ties_merge(base_model.unet.state_dict(), ties_states, keys, ties.k, ties.lam)
+            student = base_model.copy()
+            student.unet.load_state_dict(merged)
+            student.unet.eval()
+        seconds_step = time.perf_counter() - t0
+        forgotten = forgotten + [ps.concept]
+        sets.append(ps)
+        m = evaluator(student, forgotten)
+        entry = {
+            "step": k,
+            "method": name,
+            "request": request.model_dump(),
+            "concept": ps.concept,
+            **m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean"}),
+            "drift": weight_drift(student, base_state),
+            "seconds": round(seconds_step, 1),
+            "seconds_replay": round(result.seconds_replay, 1),
+            "seconds_train": round(result.seconds_train, 1),
+            "replay_images": result.replay_images,
+            "threads": torch.get_num_threads(),  # timings are only comparable at equal threads
+            "surrogates": ps.surrogates,
+            "base": m.base.model_dump() if m.base else None,
+            "per_concept": m.per_concept,
+            "history": result.history,
+            **made_by,
+        }
+        step_dir.mkdir(parents=True, exist_ok=True)
+        ps.save(step_dir / "prompts.json")
+        student.unet.save_pretrained(step_unet(out, k), safe_serialization=True)
+        results.append(entry)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        log(
+            f"[{name}] step {k} forget {ps.concept}: UA {pct(m.ua)} RA-I {pct(m.ra_in)} RA-C {pct(m.ra_cross)} "
+            f"RA-N {pct(m.ra_neighbour)} FDx {times(m.fd_ratio)} ({entry['seconds']:.0f} s)"
+        )
+        model = student
+    return results

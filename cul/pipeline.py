@@ -1,0 +1,251 @@
+"""The life of one deletion request, with the services it needs passed in (no Prefect here).
+
+    champion -> no-op if already forgotten -> prepare data -> attempts (unlearn, evaluate, gate,
+    escalate) -> accepted: version (DVC), register (MLflow), record, commit (git)
+               -> rejected after every attempt: review, outputs removed, champion unchanged
+
+`process_request` takes a queue, a tracker (MLflow), a versioner (DVC and git) and a runner that
+does the compute (prepare a step's data; run one attempt and return its metrics). The Prefect flows
+in `flows/` pass the real services and run the compute as tasks; the unit tests pass small
+in-memory stand-ins.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cul.audit import write_deletion_record
+from cul.config import Params
+from cul.evaluation import StepMetrics
+from cul.fmt import pct, times
+from cul.gate import Gate, Verdict
+from cul.queue import QueuedRequest, State
+from cul.step import StepSpec, load_steps, next_key, save_step
+from cul.unlearning.recipes import RecipeBase, recipe_hash
+
+#: what a step writes that git keeps (the step's DVC revision is the commit of these).
+PIPELINE_OUTPUTS = ("requests", "dvc.lock", "reports/steps", "reports/audit")
+
+
+class Queue(Protocol):
+    def get(self, request_id: str) -> QueuedRequest: ...
+    def update(self, request_id: str, **changes: Any) -> QueuedRequest: ...
+
+
+class Tracker(Protocol):
+    def champion(self): ...
+    def fetch_weights(self, version: int, dest: Path) -> Path: ...
+    def open_request(self, request_id: str, concept: str, tags: dict[str, str]) -> str: ...
+    def open_attempt(self, parent_run_id: str, attempt: int, params: dict, tags: dict[str, str]) -> str: ...
+    def log_attempt(self, run_id: str, metrics: dict, verdict: Verdict, report_dir: Path) -> None: ...
+    def close(self, run_id: str, ok: bool = True) -> None: ...
+    def set_outcome(self, run_id: str, outcome: str) -> None: ...
+    def register(self, run_id: str, model_dir: Path, tags: dict[str, str], auto_promote: bool = False) -> int: ...
+    def tag_version(self, version: int, key: str, value: str) -> None: ...
+
+
+class Versioner(Protocol):
+    def head(self) -> str: ...
+    def record_step(self, key: str) -> str: ...
+    def push(self, *targets: str) -> None: ...
+    def commit(self, message: str, paths: list[str]) -> str: ...
+
+
+class Runner(Protocol):
+    def prepare(self, spec: StepSpec) -> str:
+        """The step's data folder (prompt set and teacher samples), shared by its attempts."""
+
+    def attempt(self, spec: StepSpec, data_dir: str, run_id: str) -> dict:
+        """Train and evaluate one attempt; its metrics (what `cul.step.train_and_evaluate` writes)."""
+
+
+@dataclass
+class RequestOutcome:
+    """What became of a request: accepted as a version (or a no-op), or sent to review."""
+
+    request: str
+    concept: str
+    accepted: bool
+    version: int | None = None
+    step: str | None = None
+    noop: bool = False
+    reasons: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)  # one row per attempt, for tables
+    metrics: dict = field(default_factory=dict)  # of the last attempt
+    record: Path | None = None  # the deletion record (markdown)
+    dvc: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The flat dict the flows return and `cul run` prints."""
+        keys = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "seconds_step", "seconds_eval")
+        out: dict = {"request": self.request, "accepted": self.accepted, "version": self.version}
+        if self.noop:
+            return {**out, "noop": True}
+        if self.accepted:
+            out.update(step=self.step, **self.dvc)
+        else:
+            out.update(reasons=self.reasons, attempts=len(self.attempts))
+        return {**out, **{k: self.metrics.get(k) for k in keys}}
+
+
+def starting_point(tracker: Tracker, params: Params) -> tuple[str, int | None, list[str], dict | None]:
+    """(model folder, version, forgotten, per-concept scores) of the champion, else the base model."""
+    champ = tracker.champion()
+    if champ is None or champ.step is None:
+        return str(params.paths.base_model), (champ.version if champ else None), [], None
+    model_dir = Path("models/steps") / champ.step
+    tracker.fetch_weights(champ.version, model_dir)
+    metrics_file = Path("reports/steps") / champ.step / "metrics.json"
+    previous = json.loads(metrics_file.read_text())["per_concept"] if metrics_file.exists() else None
+    return str(model_dir), champ.version, champ.forgotten, previous
+
+
+def flat_recipe(recipe: RecipeBase) -> dict[str, Any]:
+    """The recipe as flat MLflow params (`addons.l2sp`, ...)."""
+    data = recipe.model_dump(mode="json")
+    addons = data.pop("addons")
+    return {**data, **{f"addons.{k}": v for k, v in addons.items()}}
+
+
+def attempt_row(attempt: int, recipe: RecipeBase, m: StepMetrics, seconds: float, verdict: Verdict) -> dict:
+    """One line of the attempts table: the knobs escalation turns, the figures, the verdict."""
+    knobs = {k: getattr(recipe, k) for k in ("l_unl", "l_pres", "l_reg") if k in type(recipe).model_fields}
+    return {
+        "attempt": attempt,
+        **knobs,
+        "l2sp": recipe.addons.l2sp,
+        "steps": recipe.steps,
+        "UA": pct(m.ua),
+        "RA-I": pct(m.ra_in),
+        "RA-C": pct(m.ra_cross),
+        "RA-N": pct(m.ra_neighbour),
+        "FD ratio": times(m.fd_ratio),
+        "seconds": round(seconds, 1),
+        "verdict": verdict.summary(),
+    }
+
+
+def process_request(
+    request_id: str,
+    params: Params,
+    queue: Queue,
+    tracker: Tracker,
+    versioner: Versioner,
+    runner: Runner,
+    log: Callable[[str], None] = print,
+) -> RequestOutcome:
+    """One deletion request: attempts with escalation until the gate accepts (then version,
+    register, record, commit) or the attempts run out (then review; the champion stays)."""
+    pl = params.pipeline
+    item = queue.get(request_id)
+    parent, parent_version, forgotten, previous = starting_point(tracker, params)
+    if item.concept in forgotten:
+        queue.update(request_id, state=State.accepted, version=parent_version)
+        log(f"{request_id}: {item.concept} is already forgotten by version {parent_version}; no-op")
+        return RequestOutcome(request_id, item.concept, accepted=True, version=parent_version, noop=True)
+
+    queue.update(request_id, state=State.in_progress)
+    key = next_key(list(load_steps()))
+    name, recipe = pl.recipe()
+    base_spec = StepSpec(
+        key=key,
+        request=item.request(),
+        parent=parent,
+        parent_version=parent_version,
+        forgotten=forgotten,
+        recipe_name=name,
+        recipe=recipe,
+        eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
+        seed=int(key[1:]),
+    )
+    code_rev = versioner.head()
+    run_id = tracker.open_request(
+        request_id,
+        item.concept,
+        {
+            "step": key,
+            "git_commit": code_rev,
+            "parent_version": str(parent_version),
+            "recipe_name": name,
+            "recipe_hash": recipe_hash(recipe),
+        },
+    )
+    log(f"{request_id}: forget {item.concept} from {parent} (version {parent_version}) as step {key} with {name}")
+    data_dir = runner.prepare(base_spec)
+
+    outcome = RequestOutcome(request_id, item.concept, accepted=False)
+    spec, attempt_run, failed = base_spec, "", list[str]()
+    for attempt in range(pl.escalation.max_attempts):
+        attempt_recipe = pl.escalation.config_for(recipe, attempt, failed)
+        spec = base_spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
+        attempt_run = tracker.open_attempt(
+            run_id,
+            attempt,
+            {**flat_recipe(attempt_recipe), "parent": parent, "forgotten": forgotten},
+            {"recipe_name": name, "recipe_hash": recipe_hash(attempt_recipe), "git_commit": code_rev},
+        )
+        t0 = time.perf_counter()
+        outcome.metrics = runner.attempt(spec, data_dir, attempt_run)
+        m = StepMetrics.model_validate(outcome.metrics)
+        verdict = Gate(pl.gate).decide(m, forgotten + [item.concept], previous)
+        tracker.log_attempt(attempt_run, outcome.metrics, verdict, spec.report_dir)
+        tracker.close(attempt_run)
+        outcome.attempts.append(attempt_row(attempt, attempt_recipe, m, time.perf_counter() - t0, verdict))
+        log(f"{request_id} attempt {attempt}: {verdict.summary()}")
+        if verdict.accepted:
+            break
+        failed = [c.name for c in verdict.checks if not c.passed]
+
+    if not verdict.accepted:
+        queue.update(request_id, state=State.review, reasons=verdict.reasons)
+        for d in (spec.model_dir, spec.report_dir, spec.data_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        tracker.set_outcome(run_id, "review")
+        tracker.close(run_id)
+        log(f"{request_id}: rejected after {len(outcome.attempts)} attempt(s); champion unchanged")
+        outcome.reasons = verdict.reasons
+        return outcome
+
+    tags = {
+        "request_id": request_id,
+        "concept": item.concept,
+        "step": key,
+        "gate": "accepted",
+        "forgotten": json.dumps(forgotten + [item.concept]),
+        "parent_version": str(parent_version or "base"),
+        "git_commit": code_rev,
+        "attempt": str(spec.attempt),
+        "recipe_name": name,
+        "recipe_hash": recipe_hash(spec.recipe),
+    }
+    save_step(spec)
+    tags["dvc_md5"] = versioner.record_step(key)
+    if pl.dvc_push:
+        versioner.push(f"step@{key}")
+    tags["dvc_stage"] = f"step@{key}"
+    version = tracker.register(attempt_run, spec.model_dir, tags, pl.auto_promote)
+    queue.update(request_id, state=State.accepted, version=version, step=key, reasons=[])
+    outcome.record = write_deletion_record(
+        item, spec, outcome.metrics, verdict, version, pl.tracking.registered_model, tags
+    )
+    message = f"cul: {request_id} forget {item.concept} -> step {key}"
+    rev = versioner.commit(message, list(PIPELINE_OUTPUTS)) if pl.git_commit else versioner.head()
+    tracker.tag_version(version, "dvc_rev", rev)
+    tracker.set_outcome(run_id, f"version {version}")
+    tracker.close(run_id)
+    outcome.accepted, outcome.version, outcome.step = True, version, key
+    outcome.dvc = {"dvc_md5": tags["dvc_md5"], "dvc_rev": rev}
+    return outcome
+
+
+def stops_the_run(summary: dict, params: Params) -> bool:
+    """Whether a continual run stops after a request (its `RequestOutcome.summary()`): without
+    auto-promotion it stops after its first accepted step, since the next request must start from
+    that step and only a person makes it the champion."""
+    return bool(summary["accepted"] and not summary.get("noop") and not params.pipeline.auto_promote)

@@ -1,0 +1,159 @@
+"""What one step trains on: teacher samples of its prompts, and the batches drawn from them.
+
+`replay_sources` generates the teacher samples a recipe needs (once per request into a
+`ReplayBuffer`, or online per batch as DFR does); `Batches` draws seeded forget and retain batches
+from them. Under `retain_teacher: base` the retain prompts come in two sources: "retain"
+(theta_{k-1}'s samples of the earlier forgotten concepts' prompts) and "retain_base" (theta_0's
+samples of the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cul.unlearning.prompts import PromptSet
+from cul.unlearning.replay import OnlineReplay, ReplayBuffer
+
+Source = ReplayBuffer | OnlineReplay
+
+
+@dataclass
+class ForgetBatch:
+    """Forget prompts, their mapped prompts, and teacher samples of one of the two."""
+
+    concept: str
+    forget: list[str]
+    mapped: list[str]  # parallel to `forget`
+    x0_forget: torch.Tensor | None  # teacher samples of the forget prompts (DFR, ESD)
+    x0_mapped: torch.Tensor | None  # teacher samples of the mapped prompts (CA, naive)
+
+
+@dataclass
+class RetainBatch:
+    prompts: list[str]
+    x0: torch.Tensor
+    targets: list[str] | None = None  # the teacher's prompts, when not `prompts` (forgotten_target: mapped)
+
+
+def split_retain(prompts: PromptSet) -> tuple[list[str], list[str]]:
+    """The retain prompts by teacher under `retain_teacher: base`: (theta_0's: every group but the
+    earlier forgotten concepts', theta_{k-1}'s: those)."""
+    kept = [p for g, ps in prompts.retain.items() if g != "forgotten" for p in ps]
+    return kept, list(prompts.retain.get("forgotten", []))
+
+
+def check_prompts(prompts: PromptSet, recipe) -> None:
+    """Refuse a prompt set the recipe cannot train on (before any sample is drawn)."""
+    if getattr(recipe, "forgotten_target", "previous") == "mapped" and len(prompts.forgotten_mapped) != len(
+        prompts.retain.get("forgotten", [])
+    ):
+        raise ValueError(
+            "forgotten_target 'mapped' needs the prompt set's forgotten_mapped captions "
+            "(build it with forgotten_surrogates)"
+        )
+
+
+def replay_sources(
+    teacher, prompts: PromptSet, recipe, buffers_dir: str | Path | None = None, keep_teacher=None
+) -> dict[str, Source]:
+    """The teacher samples of a step: forget prompts (DFR, ESD noise the concept's own images) or
+    mapped prompts (CA, naive train on the surrogate's), and the retain prompts when the recipe
+    replays them. `keep_teacher`: the model whose samples stand for what is kept (theta_0 under
+    `retain_teacher: base`; the teacher otherwise)."""
+    keep_teacher = keep_teacher or teacher
+    images = recipe.forget_images
+    wanted = {
+        images: (
+            prompts.forget if images == "forget" else prompts.mapped,
+            teacher if images == "forget" else keep_teacher,
+        )
+    }
+    if recipe.replays_retained() and prompts.retain_prompts():
+        if recipe.distils_from_base():
+            kept, forgotten = split_retain(prompts)
+            wanted["retain"] = (forgotten, teacher)
+            wanted["retain_base"] = (kept, keep_teacher)
+        else:
+            wanted["retain"] = (prompts.retain_prompts(), teacher)
+    sources: dict[str, Source] = {}
+    for i, (name, (plist, model)) in enumerate(wanted.items()):
+        if not plist:
+            continue
+        seed = recipe.seed * 1_000 + i
+        if recipe.replay == "online":
+            sources[name] = OnlineReplay(model, plist, seed, recipe.replay_steps, recipe.replay_guidance)
+            continue
+        buf = ReplayBuffer.generate(
+            model, plist, seed, recipe.replay_steps, recipe.replay_guidance, recipe.replay_copies
+        )
+        if buffers_dir is not None:
+            buf.save(Path(buffers_dir) / name)
+        sources[name] = buf
+    return sources
+
+
+class Batches:
+    """Seeded batches of a step's prompts with their teacher samples."""
+
+    def __init__(self, prompts: PromptSet, sources: dict[str, Source], recipe) -> None:
+        self.prompts, self.sources, self.recipe = prompts, sources, recipe
+        self.copies = recipe.replay_copies if recipe.replay == "buffer" else 1
+        if recipe.distils_from_base():
+            kept, gone = split_retain(prompts)
+            self.pool = [("retain_base", p, i) for i, p in enumerate(kept)] + [
+                ("retain", p, i) for i, p in enumerate(gone)
+            ]
+        else:
+            self.pool = [("retain", p, i) for i, p in enumerate(prompts.retain_prompts())]
+        self.n_kept = sum(1 for src, _, _ in self.pool if src == "retain_base") * self.copies
+        self.n_gone = len(self.pool) * self.copies - self.n_kept
+        share = getattr(recipe, "forgotten_share", None)
+        self.fixed_gone = round(share * recipe.retain_batch) if share and self.n_kept and self.n_gone else None
+        mapped = getattr(recipe, "forgotten_target", "previous") == "mapped"
+        self.gone_targets = prompts.forgotten_mapped if mapped else None
+
+    @property
+    def has_retain(self) -> bool:
+        return bool(self.pool)
+
+    def forget(self, gen: torch.Generator) -> ForgetBatch:
+        n = self.recipe.forget_batch
+        idx = torch.randint(0, len(self.prompts.forget) * self.copies, (n,), generator=gen).tolist()
+        pidx = [i // self.copies for i in idx]
+        x0 = {name: self.sources[name].take(idx) if name in self.sources else None for name in ("forget", "mapped")}
+        return ForgetBatch(
+            self.prompts.concept,
+            [self.prompts.forget[i] for i in pidx],
+            [self.prompts.mapped[i] for i in pidx],
+            x0["forget"],
+            x0["mapped"],
+        )
+
+    def retain(self, gen: torch.Generator) -> list[tuple[str, RetainBatch, float]]:
+        """One retain batch over all retain prompts (with `forgotten_share` of it from the earlier
+        forgotten concepts', when set), split by source: (source, batch, share of the batch)."""
+        n, c = self.recipe.retain_batch, self.copies
+        if self.fixed_gone is None:
+            idx = torch.randint(0, len(self.pool) * c, (n,), generator=gen).tolist()
+        else:  # the pool lists the kept prompts first, then the forgotten ones
+            idx = (
+                torch.randint(0, self.n_kept, (n - self.fixed_gone,), generator=gen).tolist()
+                + (self.n_kept + torch.randint(0, self.n_gone, (self.fixed_gone,), generator=gen)).tolist()
+            )
+        out = []
+        for name in ("retain", "retain_base"):
+            picked = [
+                (self.pool[i // c][1], self.pool[i // c][2] * c + i % c) for i in idx if self.pool[i // c][0] == name
+            ]
+            if picked:
+                targets = (
+                    [self.gone_targets[j // c] for _, j in picked]
+                    if name == "retain" and self.gone_targets is not None
+                    else None
+                )
+                batch = RetainBatch([p for p, _ in picked], self.sources[name].take([j for _, j in picked]), targets)
+                out.append((name, batch, len(picked) / len(idx)))
+        return out

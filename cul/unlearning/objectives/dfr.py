@@ -1,0 +1,92 @@
+"""DFR: Distillation-based Forgetting and Retention (Sony Research, continual unlearning).
+
+One request theta_{k-1} -> theta_k minimises three terms (DFR, eqs. for L_unl, L_pres, L_reg):
+
+    L(theta) = l_unl * L_unl + l_pres * L_pres + l_reg * L_reg
+
+    L_unl  = E_{t < T_max} || eps_theta(x_t, t, p_f) - sg[eps_T(x_t, t, p_m)] ||^2
+             contextual trajectory re-steering: on the teacher's images of a forget prompt p_f,
+             predict what the teacher predicts for the same context with a surrogate (p_m);
+    L_pres = E_t || eps_theta(x_t, t, r) - sg[eps_T(x_t, t, r)] ||^2
+             generative replay distillation on the teacher's samples of the retain prompts r;
+    L_reg  = || theta - theta_ref ||^2   (sum over the trained weights)
+
+DFR's teacher T is theta_{k-1} throughout. What the production recipe changes (docs/method.md):
+`retain_teacher: base` takes the targets of what is kept, and the re-steering targets, from theta_0,
+so each step's errors do not become the next step's targets; `forgotten_target: mapped` distils the
+earlier forgotten concepts' captions toward theta_0 on the caption with the concept swapped for the
+surrogate theta_{k-1} draws for it; `push` moves the re-steering target further from the concept,
+eps_T(p_m) + push (eps_T(p_m) - eps_T(p_f)), as ESD's negative guidance does. Two options are not in
+the production recipe: `replay_uncond` (also distil eps(x_t, "")) and `coverage` (distil on captions
+of many clean scenes, reusing replayed images).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cul.unlearning.batches import ForgetBatch, RetainBatch
+from cul.unlearning.objectives.common import noised
+
+
+def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float = 0.0):
+    """L_unl on one forget batch (teacher samples of its forget prompts)."""
+    assert b.x0_forget is not None
+    x_t, t, _ = noised(teacher, b.x0_forget, gen, t_max)
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+        if push:
+            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+
+
+def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: bool = False):
+    """L_pres on one retain batch (with `uncond`, the unconditional branch on the same x_t too)."""
+    x_t, t, _ = noised(teacher, r.x0, gen)
+    ctx = teacher.encode_prompts(r.prompts)
+    tctx = teacher.encode_prompts(r.targets) if r.targets is not None else ctx
+    if uncond:
+        empty = teacher.encode_prompts([""])
+        ctx, tctx = torch.cat([ctx, empty.expand_as(ctx)]), torch.cat([tctx, empty.expand_as(tctx)])
+        x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, tctx)
+    return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
+
+
+def coverage_loss(student, teacher, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
+    """L_pres on replayed images noised again and paired with captions that have no images."""
+    idx = torch.randint(0, len(captions), (x0.shape[0],), generator=gen).tolist()
+    return replay_loss(student, teacher, RetainBatch([captions[i] for i in idx], x0), gen)
+
+
+class DFR:
+    """DFR's objective for one step. `teacher`: theta_{k-1}; `keep_teacher`: the model whose
+    predictions are kept (theta_0 under `retain_teacher: base`); `reference`: theta_ref of L_reg."""
+
+    def __init__(self, recipe, teacher, keep_teacher, reference) -> None:
+        self.recipe, self.keep, self.reference = recipe, keep_teacher, reference
+        mapped = recipe.forgotten_target == "mapped"
+        self.teachers = {"retain": keep_teacher if mapped else teacher, "retain_base": keep_teacher}
+        self.weights = {"unl": recipe.l_unl, "pres": recipe.l_pres, "cover": recipe.l_pres, "reg": recipe.l_reg}
+
+    def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
+        return resteer_loss(student, self.keep, batches.forget(gen), gen, self.recipe.t_max, self.recipe.push)
+
+    def losses(self, student, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        r = self.recipe
+        terms = {"unl": self.forget_term(student, batches, gen)}
+        if r.l_pres > 0 and batches.has_retain:
+            parts = batches.retain(gen)
+            terms["pres"] = sum(
+                share * replay_loss(student, self.teachers[name], rb, gen, r.replay_uncond) for name, rb, share in parts
+            )
+            if r.coverage and batches.prompts.coverage:
+                terms["cover"] = sum(
+                    share * coverage_loss(student, self.keep, rb.x0, batches.prompts.coverage, gen)
+                    for _, rb, share in parts
+                )
+        if r.l_reg:
+            terms["reg"] = self.reference.l2_sum()
+        return terms

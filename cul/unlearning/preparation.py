@@ -1,0 +1,58 @@
+"""Step preparation: from a request and the model it starts from, the prompt set it trains on.
+
+Surrogates: the request's hints first, then the same-kind candidates whose noise predictions under
+the current model are closest to the concept's (the later DFR code's mapping rule). Under
+`forgotten_target: mapped`, each earlier forgotten concept is named by what the current model now
+draws for it: the candidate closest to it in the same sense.
+"""
+
+from __future__ import annotations
+
+from cul.unlearning.prompts import PromptSet, build_prompt_set, rank_surrogates
+from cul.unlearning.recipes import Recipe
+from cul.unlearning.request import Request, resolve_request
+from cul.world import CONCEPTS, CONFUSABLES, concept
+
+
+def choose_surrogates(
+    model, name: str, forgotten: list[str], hints: list[str], n: int, neighbours: bool = True
+) -> list[str]:
+    """Hints first, then the same-kind candidates closest in noise prediction; with
+    `neighbours=False` the concept's confusables are not candidates."""
+    kind = concept(name).kind
+    banned = set(forgotten) | set(hints) | {name} | (set() if neighbours else set(CONFUSABLES[name]))
+    candidates = [c.name for c in CONCEPTS[kind] if c.name not in banned]
+    ranked = [c for c, _ in rank_surrogates(model, name, candidates)]
+    return (list(hints) + ranked)[:n]
+
+
+def prepare_step(model, request: Request, forgotten: list[str], recipe: Recipe, seed: int) -> PromptSet:
+    """The prompt set of `request` after `forgotten`, from `model` (theta_{k-1})."""
+    r = resolve_request(request, forgotten)
+    surrogates = choose_surrogates(
+        model, r.concept, forgotten, r.surrogates, recipe.n_surrogates, recipe.surrogate_neighbours
+    )
+    earlier = None
+    if getattr(recipe, "forgotten_target", "previous") == "mapped":
+        gone = forgotten + [r.concept]
+        earlier = {f: choose_surrogates(model, f, gone, [], 1, recipe.surrogate_neighbours)[0] for f in forgotten}
+    return build_prompt_set(
+        r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed, forgotten_surrogates=earlier
+    )
+
+
+def merge_prompt_sets(sets: list[PromptSet]) -> PromptSet:
+    """All concepts at once: every forget/mapped pair, and the last set's retain groups (built
+    knowing every concept), without the 'forgotten' group since nothing was forgotten before."""
+    last = sets[-1]
+    retain = {k: v for k, v in last.retain.items() if k != "forgotten"}
+    return PromptSet(
+        "+".join(s.concept for s in sets),
+        last.kind,
+        [p for s in sets for p in s.forget],
+        [p for s in sets for p in s.mapped],
+        sorted({x for s in sets for x in s.surrogates}),
+        sorted({x for s in sets for x in s.neighbours}),
+        retain,
+        last.coverage,
+    )

@@ -1,0 +1,270 @@
+"""Recipes: everything one eraser needs to turn theta_{k-1} into theta_k, typed per method.
+
+A recipe is a pydantic model chosen by its `method` (a discriminated union): `DFRRecipe`,
+`CARecipe`, `ESDRecipe`, `NaiveRecipe`. Each holds only its own fields; every method shares the
+training settings of `RecipeBase` and the add-ons of `AddOns` (CUR's regularizers, SelFT, gradient
+projection, TIES merging, tail averaging). **The code default of each recipe is what production
+runs**: `DFRRecipe()` is the pipeline's `dfr`. Every other variant is a fully resolved YAML file
+under `experiments/` (`load_recipe("experiments/NAME.yaml")`).
+
+Every result records the resolved recipe, its hash (`recipe_hash`) and the git commit, so a name
+can never silently stand for two recipes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from cul.unlearning.regularizers import Trainable
+
+METHODS = ("dfr", "ca", "esd", "naive")
+Reference = Literal["previous", "base"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found or read; the message says which and why."""
+
+
+class TiesMerge(BaseModel):
+    """TIES merging (Yadav et al., 2023): each concept erased from theta_0 on its own; the task
+    vectors trimmed to their top `k` entries, signs elected, agreeing entries averaged, and
+    `lam` times the result added to theta_0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: float = Field(0.5, gt=0, le=1)
+    lam: float = Field(1.5, gt=0)
+
+
+class AddOns(BaseModel):
+    """Add-ons any eraser can take (CUR, Lee et al. 2025, and SWA)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: L1SP weight: `l1sp * mean |theta - theta_ref|` over the trained weights.
+    l1sp: float = Field(0.0, ge=0)
+    #: L2SP weight: `l2sp * mean (theta - theta_ref)^2` over the trained weights.
+    l2sp: float = Field(0.0, ge=0)
+    #: theta_ref of L1SP, L2SP and DFR's L_reg: "previous" (the request's start theta_{k-1}, as DFR and
+    #: CUR) or "base" (theta_0). A pull toward theta_{k-1} resets every request, so moves no loss asks
+    #: for add up like a random walk; a pull toward theta_0 takes them back.
+    reg_reference: Reference = "previous"
+    #: SelFT: train only this top fraction of elements by |theta * g| (None: off).
+    selft_fraction: float | None = Field(None, gt=0, le=1)
+    #: forget batches whose gradients rank SelFT's importance.
+    selft_batches: int = Field(4, ge=1)
+    #: CUR's gradient projection: K/V gradients of cross-attention kept off the protected prompts' span.
+    projection: bool = False
+    #: keep only the span's top directions (None: the whole span).
+    projection_max_rank: int | None = Field(None, ge=1)
+    #: share of the last training steps whose iterates are averaged into the returned weights
+    #: (Polyak / SWA tail averaging; 0: the last iterate).
+    tail_average: float = Field(0.0, ge=0, lt=1)
+    #: merge per-concept erasures from theta_0 with TIES instead of chaining them (None: chain).
+    ties: TiesMerge | None = None
+
+
+class RecipeBase(BaseModel):
+    """Training settings every eraser shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: which UNet parameters train: "all", cross-attention ("xattn") or its K/V ("xattn_kv"),
+    #: each with the text path that reads the prompt.
+    trainable: Trainable = "all"
+    #: optimizer steps per request.
+    steps: int = Field(150, ge=1)
+    #: forget prompts per step.
+    forget_batch: int = Field(16, ge=1)
+    #: AdamW learning rate.
+    lr: float = Field(2e-4, gt=0)
+    #: "constant", or "cosine" decay to 0 by the last step.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    #: AdamW weight decay.
+    weight_decay: float = Field(0.0, ge=0)
+    #: AdamW epsilon.
+    adam_eps: float = Field(1e-8, gt=0)
+    #: gradient-norm clip (0: none).
+    grad_clip: float = Field(1.0, ge=0)
+    #: teacher samples: generated once per request ("buffer") or fresh every step ("online", DFR's).
+    replay: Literal["buffer", "online"] = "buffer"
+    #: DDIM steps of the teacher samples.
+    replay_steps: int = Field(20, ge=1)
+    #: classifier-free guidance of the teacher samples.
+    replay_guidance: float = Field(3.0, ge=0)
+    #: teacher samples per prompt in a buffer.
+    replay_copies: int = Field(1, ge=1)
+    #: surrogates per request (hints first, then the nearest by noise prediction).
+    n_surrogates: int = Field(5, ge=1)
+    #: whether a concept's confusable neighbours may be its surrogates.
+    surrogate_neighbours: bool = True
+    #: "sequential" (theta_{k-1} -> theta_k) or "simultaneous" (every concept so far at once from
+    #: theta_0: the reference upper bound, for benchmarks).
+    mode: Literal["sequential", "simultaneous"] = "sequential"
+    #: training seed; request k trains with `seed * 100 + k` (`for_request`).
+    seed: int = 0
+    addons: AddOns = AddOns()
+
+    #: which teacher samples the forget term noises: of the forget prompts or of the mapped prompts.
+    forget_images: ClassVar[str] = "forget"
+
+    def needs_base(self) -> bool:
+        """Whether a step needs the base model theta_0 beside its teacher."""
+        return self.addons.reg_reference == "base" or self.distils_from_base()
+
+    def distils_from_base(self) -> bool:
+        return False
+
+    def replays_retained(self) -> bool:
+        """Whether the step distils retain prompts (and so needs their teacher samples)."""
+        return False
+
+    def penalties(self) -> float:
+        return self.addons.l1sp + self.addons.l2sp
+
+    @model_validator(mode="after")
+    def _reference_needs_a_penalty(self):
+        if self.addons.reg_reference == "base" and not self.penalties():
+            raise ValueError("addons.reg_reference: base needs a penalty to apply it to (l_reg, l1sp or l2sp)")
+        return self
+
+    def for_request(self, k: int):
+        """Request k's recipe: its own seed, so a resumed, re-timed or pipeline step draws what the
+        benchmark's step k drew."""
+        return self.model_copy(update={"seed": self.seed * 100 + k})
+
+    def with_steps(self, steps: int):
+        return self.model_copy(update={"steps": steps})
+
+
+class DFRRecipe(RecipeBase):
+    """DFR (Distillation-based Forgetting and Retention) with the changes that make it hold over ten
+    requests here (docs/method.md). The defaults are the production recipe."""
+
+    method: Literal["dfr"] = "dfr"
+    surrogate_neighbours: bool = False
+    #: retain prompts per step (replay distillation).
+    retain_batch: int = Field(32, ge=1)
+    #: re-steering only below this timestep (DFR's T_max).
+    t_max: int = Field(1000, ge=1, le=1000)
+    #: weight of the re-steering term L_unl.
+    l_unl: float = Field(10.0, ge=0)
+    #: extra push of the re-steering target away from the concept (0: DFR's plain match).
+    push: float = Field(1.0, ge=0)
+    #: weight of the replay distillation term L_pres (0: none).
+    l_pres: float = Field(30.0, ge=0)
+    #: weight of DFR's L_reg, the sum-L2 to theta_ref (0: none).
+    l_reg: float = Field(1e-4, ge=0)
+    #: also distil eps(x_t, "") on replayed images.
+    replay_uncond: bool = False
+    #: also distil the teacher on captions of many clean scenes (no images of their own).
+    coverage: bool = False
+    #: who supplies the targets of what is kept: "previous" (DFR: theta_{k-1}) or "base" (theta_0).
+    retain_teacher: Reference = "base"
+    #: with retain_teacher base: the share of each retain batch given to the earlier forgotten
+    #: concepts' prompts (None: drawn uniformly with the rest).
+    forgotten_share: float | None = Field(0.25, gt=0, lt=1)
+    #: with retain_teacher base, the targets of earlier forgotten concepts' prompts: "previous"
+    #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
+    #: surrogate theta_{k-1} now draws for it).
+    forgotten_target: Literal["previous", "mapped"] = "mapped"
+    addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
+
+    def distils_from_base(self) -> bool:
+        return self.retain_teacher == "base"
+
+    def replays_retained(self) -> bool:
+        return self.l_pres > 0
+
+    def penalties(self) -> float:
+        return self.l_reg + super().penalties()
+
+    @model_validator(mode="after")
+    def _options_need_base_teacher(self) -> DFRRecipe:
+        if self.retain_teacher != "base":
+            if self.forgotten_share is not None:
+                raise ValueError("forgotten_share only applies with retain_teacher: base (set it to null)")
+            if self.forgotten_target != "previous":
+                raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
+        return self
+
+
+class CARecipe(RecipeBase):
+    """Concept Ablation (Kumari et al., 2023), model-based, on cross-attention K/V."""
+
+    method: Literal["ca"] = "ca"
+    trainable: Trainable = "xattn_kv"
+    lr: float = Field(1e-3, gt=0)
+    forget_images: ClassVar[str] = "mapped"
+
+
+class ESDRecipe(RecipeBase):
+    """ESD-x (Gandikota et al., 2023): negative guidance on cross-attention."""
+
+    method: Literal["esd"] = "esd"
+    trainable: Trainable = "xattn"
+    lr: float = Field(1e-3, gt=0)
+    #: strength of the negative guidance.
+    eta: float = Field(1.0, ge=0)
+    #: erase the concept's name alone ("concept", as ESD erases "Van Gogh"), or the full forget
+    #: captions ("context"), whose negative guidance also pushes away their other words.
+    erase: Literal["concept", "context"] = "concept"
+
+
+class NaiveRecipe(RecipeBase):
+    """Plain fine-tuning: images of the surrogate captioned with the forget prompt."""
+
+    method: Literal["naive"] = "naive"
+    forget_images: ClassVar[str] = "mapped"
+
+
+Recipe = Annotated[DFRRecipe | CARecipe | ESDRecipe | NaiveRecipe, Field(discriminator="method")]
+_ADAPTER: TypeAdapter = TypeAdapter(Recipe)
+PRODUCTION = {"dfr": DFRRecipe, "ca": CARecipe, "esd": ESDRecipe, "naive": NaiveRecipe}
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """A recipe from a mapping (its `method` picks the class; unknown keys are an error)."""
+    return _ADAPTER.validate_python(data)
+
+
+def recipe_hash(recipe: RecipeBase) -> str:
+    """12 hex digits of the SHA-256 of the resolved recipe (canonical JSON)."""
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_recipe(name_or_path: str | Path) -> tuple[str, Recipe]:
+    """(name, recipe) of a production method name (dfr, ca, esd, naive: the code default) or of an
+    experiment file (its name is the file's stem)."""
+    text = str(name_or_path)
+    if text in PRODUCTION:
+        return text, PRODUCTION[text]()
+    path = Path(text)
+    if not path.suffix and (Path("experiments") / f"{text}.yaml").exists():
+        path = Path("experiments") / f"{text}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{text!r} is neither a method ({', '.join(METHODS)}) nor a recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict) or "method" not in data:
+        raise RecipeError(f"{path}: a recipe file is a mapping with a `method` ({', '.join(METHODS)})")
+    try:
+        return path.stem, parse_recipe(data)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: {e}") from e
+
+
+def dump_recipe(recipe: RecipeBase, header: str = "") -> str:
+    """The fully resolved YAML of a recipe (every field written), under an optional comment."""
+    data = recipe.model_dump(mode="json")
+    body = yaml.safe_dump({"method": data.pop("method"), **data}, sort_keys=False)
+    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body

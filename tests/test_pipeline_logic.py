@@ -1,0 +1,191 @@
+"""The request logic of `cul.pipeline` with small in-memory stand-ins for the queue, MLflow, DVC/git
+and the compute: what is registered, committed, cleaned up and recorded, in milliseconds. The same
+logic runs against real servers in test_pipeline_servers.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cul.config import Params
+from cul.evaluation import retention
+from cul.io.tracking import ChampionInfo
+from cul.pipeline import PIPELINE_OUTPUTS, process_request, stops_the_run
+from cul.queue import RequestQueue, State
+from cul.step import load_steps
+from cul.world import CONCEPTS
+
+ALL = [c.name for kind in CONCEPTS.values() for c in kind]
+
+
+def evaluation(forgotten: list[str], left: float) -> dict:
+    """An attempt's metrics where the last forgotten concept is still drawn in `left` of its images."""
+    scores = {n: 1.0 for n in ALL} | {f: 0.0 for f in forgotten} | {forgotten[-1]: left}
+    return {
+        "per_concept": scores,
+        "ua": 1 - left,
+        **retention(scores, forgotten),
+        "fd_ratio": 1.1,
+        "base": {"ua": 0.0, **retention({n: 1.0 for n in ALL}, forgotten)},
+        "forgotten": forgotten,
+        "seconds_step": 3.0,
+        "seconds_eval": 1.0,
+    }
+
+
+class Tracker:
+    def __init__(self, champion: ChampionInfo | None = None) -> None:
+        self.champ, self.runs, self.versions, self.version_tags = champion, {}, [], {}
+
+    def champion(self):
+        return self.champ
+
+    def fetch_weights(self, version, dest):
+        return dest
+
+    def open_request(self, request_id, concept, tags):
+        return self._open(f"{request_id}-forget-{concept}", tags)
+
+    def open_attempt(self, parent_run_id, attempt, params, tags):
+        return self._open(f"attempt-{attempt}", {**tags, "parent": parent_run_id}, params)
+
+    def _open(self, name, tags, params=None):
+        run_id = f"run{len(self.runs)}"
+        self.runs[run_id] = {"name": name, "tags": dict(tags), "params": params or {}, "status": "RUNNING"}
+        return run_id
+
+    def log_attempt(self, run_id, metrics, verdict, report_dir):
+        self.runs[run_id]["gate"] = verdict.accepted
+
+    def close(self, run_id, ok=True):
+        self.runs[run_id]["status"] = "FINISHED" if ok else "FAILED"
+
+    def set_outcome(self, run_id, outcome):
+        self.runs[run_id]["tags"]["outcome"] = outcome
+
+    def register(self, run_id, model_dir, tags, auto_promote=False):
+        self.versions.append({"run": run_id, "model_dir": Path(model_dir), "tags": dict(tags)})
+        return len(self.versions)
+
+    def tag_version(self, version, key, value):
+        self.version_tags[(version, key)] = value
+
+
+class Versioner:
+    def __init__(self) -> None:
+        self.recorded, self.pushed, self.commits = [], [], []
+
+    def head(self):
+        return "c0ffee"
+
+    def record_step(self, key):
+        self.recorded.append(key)
+        return f"md5-{key}.dir"
+
+    def push(self, *targets):
+        self.pushed.extend(targets)
+
+    def commit(self, message, paths):
+        self.commits.append((message, paths))
+        return f"rev{len(self.commits)}"
+
+
+class Runner:
+    """The compute: each attempt leaves the concept in the next share of `left` of its images."""
+
+    def __init__(self, left: list[float]) -> None:
+        self.left, self.specs = list(left), []
+
+    def prepare(self, spec):
+        spec.data_dir.mkdir(parents=True)
+        return str(spec.data_dir)
+
+    def attempt(self, spec, data_dir, run_id):
+        self.specs.append(spec)
+        for d in (spec.model_dir, spec.report_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return evaluation(spec.forgotten + [spec.request.concept], self.left.pop(0))
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch, root):
+    """An empty working folder with the production params, one queued request, no steps yet."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "requests").mkdir()
+    params = Params.load(root / "params.yaml")
+    RequestQueue(params.pipeline.requests_file).add("red", "colour", note="ticket 7", by="dpo")
+    return params
+
+
+def test_an_escalated_attempt_is_accepted_registered_versioned_recorded_and_committed(project):
+    queue, tracker, versioner = RequestQueue(project.pipeline.requests_file), Tracker(), Versioner()
+    runner = Runner(left=[0.5, 0.0])  # attempt 0 leaves red in half its images; attempt 1 forgets it
+    out = process_request("r001", project, queue, tracker, versioner, runner, log=lambda m: None)
+
+    assert out.accepted and (out.version, out.step) == (1, "s01") and len(out.attempts) == 2
+    first, second = (s.recipe for s in runner.specs)
+    assert first.l_unl == 10.0 and second.l_unl == 20.0 and second.addons == first.addons  # forgets harder
+    item = queue.get("r001")
+    assert (item.state, item.version, item.step, item.reasons) == (State.accepted, 1, "s01", [])
+    [version] = tracker.versions
+    assert version["model_dir"] == Path("models/steps/s01")
+    assert set(version["tags"]) == {
+        "request_id",
+        "concept",
+        "step",
+        "gate",
+        "forgotten",
+        "parent_version",
+        "git_commit",
+        "attempt",
+        "recipe_name",
+        "recipe_hash",
+        "dvc_md5",
+        "dvc_stage",
+    }
+    assert version["tags"]["attempt"] == "1" and version["tags"]["dvc_md5"] == "md5-s01.dir"
+    assert versioner.recorded == ["s01"] and versioner.pushed == ["step@s01"]
+    assert versioner.commits == [("cul: r001 forget red -> step s01", list(PIPELINE_OUTPUTS))]
+    assert tracker.version_tags[(1, "dvc_rev")] == "rev1"
+    request_run = tracker.runs["run0"]
+    assert request_run["status"] == "FINISHED" and request_run["tags"]["outcome"] == "version 1"
+    assert all(r["status"] == "FINISHED" for r in tracker.runs.values())
+    assert load_steps()["s01"].attempt == 1 and load_steps()["s01"].recipe == second
+    assert Path("reports/audit/r001.md").exists() and "ticket 7" in Path("reports/audit/r001.md").read_text()
+    assert out.summary()["dvc_rev"] == "rev1"
+
+
+def test_a_step_rejected_every_time_goes_to_review_and_leaves_nothing_behind(project):
+    queue, tracker, versioner = RequestQueue(project.pipeline.requests_file), Tracker(), Versioner()
+    out = process_request("r001", project, queue, tracker, versioner, Runner(left=[0.5, 0.5, 0.5]), log=lambda m: None)
+    assert not out.accepted and len(out.attempts) == project.pipeline.escalation.max_attempts
+    item = queue.get("r001")
+    assert item.state == State.review and item.reasons == ["UA on red 50.0% < 90%"]
+    assert tracker.versions == [] and versioner.commits == [] and versioner.pushed == []
+    assert not any(Path(d).exists() for d in ("models/steps/s01", "reports/steps/s01", "data/steps/s01"))
+    assert load_steps() == {} and not Path("reports/audit").exists()
+    assert tracker.runs["run0"]["tags"]["outcome"] == "review"
+
+
+def test_a_concept_the_champion_already_forgot_is_a_no_op(project):
+    queue, tracker = (
+        RequestQueue(project.pipeline.requests_file),
+        Tracker(ChampionInfo(version=3, step="s03", forgotten=["red"])),
+    )
+    runner = Runner(left=[])
+    out = process_request("r001", project, queue, tracker, Versioner(), runner, log=lambda m: None)
+    assert out.noop and out.accepted and out.version == 3 and runner.specs == [] and tracker.runs == {}
+    assert queue.get("r001").state == State.accepted and queue.get("r001").version == 3
+
+
+def test_the_next_step_starts_from_the_champion_and_a_person_promotes_when_auto_promote_is_off(project):
+    queue = RequestQueue(project.pipeline.requests_file)
+    queue.add("circle", "object")
+    tracker = Tracker(ChampionInfo(version=1, step="s01", forgotten=["red"]))
+    runner = Runner(left=[0.0])
+    out = process_request("r002", project, queue, tracker, Versioner(), runner, log=lambda m: None)
+    spec = runner.specs[0]
+    assert (spec.parent, spec.parent_version, spec.forgotten) == ("models/steps/s01", 1, ["red"])
+    manual = project.model_copy(update={"pipeline": project.pipeline.model_copy(update={"auto_promote": False})})
+    assert stops_the_run(out.summary(), manual) and not stops_the_run(out.summary(), project)
