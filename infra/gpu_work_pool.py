@@ -17,11 +17,18 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("gpu-work-pool.json")
 GPU_VARIABLES = {
-    "gpu_count": {"title": "GPUs", "description": "nvidia.com/gpu limit of the flow-run pod.", "type": "integer",
-                  "default": 1},
-    "gpu_node_selector": {"title": "GPU node selector", "type": "object",
-                          "description": "Node labels the pod must match.",
-                          "default": {"nvidia.com/gpu.present": "true"}},
+    "gpu_count": {
+        "title": "GPUs",
+        "description": "nvidia.com/gpu limit of the flow-run pod.",
+        "type": "integer",
+        "default": 1,
+    },
+    "gpu_node_selector": {
+        "title": "GPU node selector",
+        "type": "object",
+        "description": "Node labels the pod must match.",
+        "default": {"nvidia.com/gpu.present": "true"},
+    },
 }
 
 
