@@ -5,6 +5,7 @@ and the evaluation (UA on the concept and its paraphrases, retention, sample gri
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from cul.fmt import pct, times
 from cul.unlearning.recipes import recipe_hash
 
 AUDIT_DIR = Path("reports/audit")
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")  # inline markup; the text never starts a line
+
+
+def md_text(text: str) -> str:
+    """User text as literal markdown: on one line, every markup character escaped, so a note
+    cannot add lines, links, tables or emphasis to a record."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def write_deletion_record(
@@ -58,7 +66,8 @@ def write_deletion_record(
     lines = [
         f"# Deletion record {item.id}: forget `{item.concept}` ({item.kind})",
         "",
-        f"- Requested by {item.by or 'unknown'} at {item.at}" + (f": {item.note}" if item.note else ""),
+        f"- Requested by {md_text(item.by or 'unknown')} at {item.at}"
+        + (f": {md_text(item.note)}" if item.note else ""),
         f"- Honoured by model **{model_name} version {version}** (`models:/{model_name}/{version}`), "
         f"step `{spec.key}` from version {spec.parent_version or 'base'}, attempt {spec.attempt}, "
         f"recipe `{spec.recipe_name}` (`{recipe_hash(spec.recipe)}`)",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cul.config import Params
 
@@ -22,6 +24,15 @@ console = Console()
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings file (validated).")
 
+# exit codes: what kind of failure it was (typer's own usage errors, bad options and params, are 2)
+REFUSED, BUSY, STOPPED = 1, 3, 4  # bad input refused / another run holds the lineage / the pipeline stopped
+
+
+def _fail(message: str, code: int = REFUSED) -> NoReturn:
+    """Print a message (user text escaped, never taken as markup) and exit with `code`."""
+    console.print(Text("error: ", style="red") + Text(message), soft_wrap=True)
+    raise typer.Exit(code)
+
 
 def _params(path: Path) -> Params:
     from cul.config import ParamsError
@@ -30,6 +41,25 @@ def _params(path: Path) -> Params:
         return Params.load(path)
     except ParamsError as e:  # names the file and the bad key
         raise typer.BadParameter(str(e)) from e
+
+
+def _model(path: Path):
+    """The model at `path`, or a message (a missing, foreign or corrupt directory)."""
+    from cul.models.diffusion import ModelLoadError, load_model
+
+    try:
+        return load_model(path)
+    except ModelLoadError as e:
+        _fail(str(e))
+
+
+def _judge(path: Path):
+    from cul.judge import Judge
+
+    try:
+        return Judge.from_pretrained(path)
+    except Exception as e:  # a missing or corrupt judge
+        _fail(f"{path}: the judge cannot be loaded ({type(e).__name__}: {str(e)[:300]})")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -100,13 +130,12 @@ def generate(
     params: Path = ParamsOpt,
 ) -> None:
     """Sample images from a prompt to a PNG."""
-    from cul.models import load_model
     from cul.plots import save_png
 
     if not prompt.strip():
         raise typer.BadParameter("the prompt is empty")
     p = _params(params)
-    m = load_model(model or p.paths.base_model)
+    m = _model(model or p.paths.base_model)
     images = m.sample([prompt] * n, seed=seed, steps=steps, guidance=guidance)
     save_png(images, output, ncol=min(n, 8), scale=scale)
     console.print(f"{n} image(s) of {prompt!r} -> {output}")
@@ -127,14 +156,12 @@ def evaluate(
     --forgotten, the unlearning metrics too."""
     from cul.data import load_reference
     from cul.evaluation import evaluate_model
-    from cul.judge import Judge
-    from cul.models import load_model
     from cul.reports import write_base_report
 
     p = _params(params)
     model_dir = model or p.paths.base_model
-    j = Judge.from_pretrained(p.paths.judge)
-    m = load_model(model_dir)
+    j = _judge(p.paths.judge)
+    m = _model(model_dir)
     if forgotten:
         from cul.evaluation import Evaluator
         from cul.fmt import pct, times
@@ -145,7 +172,7 @@ def evaluate(
         if unknown:
             raise typer.BadParameter(f"not concept names of this world: {', '.join(unknown)}")
         evaluator = Evaluator(j, p.eval, p.world.size, p.world.eval_seed)
-        evaluator.set_base(load_model(p.paths.base_model))
+        evaluator.set_base(_model(p.paths.base_model))
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
         _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics.model_dump()})
@@ -227,9 +254,17 @@ def run(
     flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
     remote of .dvc/config) and print what happened and where to look."""
     from cul.benchmark import load_sequence
+    from cul.io.locks import LineageLock, LockBusy
+    from cul.pipeline import PipelineError
     from cul.queue import RequestQueue
 
     p = _params(params)
+    if not LineageLock(p.pipeline.tracking.registered_model).is_free():
+        _fail(
+            f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "
+            "nothing. Wait for it to finish, or stop it, and run again.",
+            BUSY,
+        )
     _ensure_base(p, params, quiet)
     queue = RequestQueue(p.pipeline.requests_file)
     if not queue.items():
@@ -248,7 +283,12 @@ def run(
     from flows.continual import continual_flow
 
     t0 = time.perf_counter()
-    results = continual_flow(str(params), quick=quick, limit=limit)
+    try:
+        results = continual_flow(str(params), quick=quick, limit=limit)
+    except LockBusy as e:
+        _fail(str(e), BUSY)
+    except PipelineError as e:
+        _fail(str(e), STOPPED)
     seconds = time.perf_counter() - t0
     _print_steps(results, seconds, p)
     if summary:
@@ -309,6 +349,8 @@ def request_add(
     params: Path = ParamsOpt,
 ) -> None:
     """Queue a deletion request (refused with a reason if invalid or a duplicate)."""
+    from pydantic import ValidationError
+
     from cul.queue import RequestQueue
     from cul.unlearning.request import RequestError
 
@@ -316,9 +358,10 @@ def request_add(
     try:
         item = RequestQueue(p.pipeline.requests_file).add(concept, kind, note, by)
     except RequestError as e:
-        console.print(f"[red]refused:[/red] {e}")
-        raise typer.Exit(1) from e
-    console.print(f"queued {item.id}: forget {item.concept} ({item.kind})")
+        _fail(f"refused: {e}")
+    except ValidationError as e:  # an empty concept, a kind that is not one
+        _fail("refused: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'request'}: {x['msg']}" for x in e.errors()))
+    console.print(Text(f"queued {item.id}: forget {item.concept} ({item.kind})"))
 
 
 @request_app.command("list")
@@ -332,25 +375,29 @@ def request_list(params: Path = ParamsOpt) -> None:
         t.add_column(col)
     for r in RequestQueue(p.pipeline.requests_file).items():
         state = r.describe() + (f" ({'; '.join(r.reasons)[:80]})" if r.reasons else "")
-        t.add_row(r.id, r.concept, r.kind, state, r.by, r.at, r.note)
+        t.add_row(*(Text(x) for x in (r.id, r.concept, r.kind, state, r.by, r.at, r.note)))  # text, not markup
     console.print(t)
 
 
 @request_app.command("retry")
 def request_retry(request_id: str, params: Path = ParamsOpt) -> None:
     """Send a request that waits for review back to the queue (after changing the gate, the method
-    or the champion): the next run tries it again."""
+    or the champion), or one a dead run left in progress: the next run tries it again."""
+    from cul.io.locks import LineageLock
     from cul.queue import RequestQueue, State
 
-    queue = RequestQueue(_params(params).pipeline.requests_file)
+    p = _params(params)
+    queue = RequestQueue(p.pipeline.requests_file)
     try:
         item = queue.get(request_id)
     except KeyError as e:
-        console.print(f"[red]{e.args[0]}[/red]")
-        raise typer.Exit(1) from e
-    if item.state != State.review:
-        console.print(f"[red]{request_id} is {item.describe()}; only a request waiting for review can be retried[/red]")
-        raise typer.Exit(1)
+        _fail(str(e.args[0]))
+    stranded = item.state == State.in_progress and LineageLock(p.pipeline.tracking.registered_model).is_free()
+    if item.state != State.review and not stranded:
+        _fail(
+            f"{request_id} is {item.describe()}; only a request waiting for review, or one left in progress "
+            "by a run that has ended, can be retried"
+        )
     queue.update(request_id, state=State.pending, reasons=[])
     console.print(f"{request_id} ({item.concept}) is pending again")
 
@@ -369,10 +416,17 @@ def step(key: str, params: Path = ParamsOpt, quiet: bool = typer.Option(True, he
 @app.command()
 def promote(version: int, params: Path = ParamsOpt) -> None:
     """Point the `champion` alias at VERSION (what a person does in the MLflow UI)."""
+    from mlflow.exceptions import MlflowException
+
     from cul.io.tracking import Tracker
 
-    tracker = Tracker(_params(params).pipeline.tracking)
-    tracker.promote(version)
+    p = _params(params)
+    tracker = Tracker(p.pipeline.tracking)
+    try:
+        tracker.promote(version)
+    except MlflowException:
+        known = ", ".join(str(v["version"]) for v in tracker.versions()) or "none"
+        _fail(f"{p.pipeline.tracking.registered_model} has no version {version} (registered: {known})")
     console.print(f"champion -> version {version}")
 
 
@@ -428,8 +482,6 @@ def bench(
     (resumable: a rerun continues after the last finished step, with the same recipe only)."""
     from cul.benchmark import BenchmarkError, load_sequence, run_sequence, sequence_concepts
     from cul.evaluation import Evaluator
-    from cul.judge import Judge
-    from cul.models import load_model
     from cul.plots import metric_curves
     from cul.unlearning.recipes import RecipeError, load_recipe
 
@@ -441,10 +493,10 @@ def bench(
         raise typer.BadParameter(str(e)) from e
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     out = out or p.paths.reports / "benchmark" / name
-    base = load_model(model or p.paths.base_model)
+    base = _model(model or p.paths.base_model)
     # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
     evaluator = Evaluator(
-        Judge.from_pretrained(p.paths.judge),
+        _judge(p.paths.judge),
         eval_spec,
         p.world.size,
         p.world.eval_seed,

@@ -26,11 +26,25 @@ from cul.evaluation import StepMetrics
 from cul.fmt import pct, times
 from cul.gate import Gate, Verdict
 from cul.queue import QueuedRequest, State
-from cul.step import StepSpec, load_steps, next_key, save_step
+from cul.step import STEPS_FILE, StepSpec, load_steps, next_key, save_step
 from cul.unlearning.recipes import RecipeBase, recipe_hash
 
-#: what a step writes that git keeps (the step's DVC revision is the commit of these).
-PIPELINE_OUTPUTS = ("requests", "dvc.lock", "reports/steps", "reports/audit")
+
+class PipelineError(RuntimeError):
+    """The pipeline refuses or stops a request; the message says why and what state it left."""
+
+
+def step_records(key: str, request_id: str) -> list[str]:
+    """The files of a step that git keeps, and only those: the step's DVC revision commits them."""
+    return [
+        "requests/queue.yaml",
+        str(STEPS_FILE),
+        "dvc.lock",
+        f"reports/steps/{key}/metrics.json",
+        f"reports/steps/{key}/samples.png",
+        f"reports/audit/{request_id}.md",
+        f"reports/audit/{request_id}.json",
+    ]
 
 
 class Queue(Protocol):
@@ -48,10 +62,12 @@ class Tracker(Protocol):
     def set_outcome(self, run_id: str, outcome: str) -> None: ...
     def register(self, run_id: str, model_dir: Path, tags: dict[str, str], auto_promote: bool = False) -> int: ...
     def tag_version(self, version: int, key: str, value: str) -> None: ...
+    def fail_open_runs(self, request_id: str) -> int: ...
 
 
 class Versioner(Protocol):
     def head(self) -> str: ...
+    def staged(self) -> list[str]: ...
     def record_step(self, key: str) -> str: ...
     def push(self, *targets: str) -> None: ...
     def commit(self, message: str, paths: list[str]) -> str: ...
@@ -144,6 +160,12 @@ def process_request(
     register, record, commit) or the attempts run out (then review; the champion stays)."""
     pl = params.pipeline
     item = queue.get(request_id)
+    if pl.git_commit and (staged := versioner.staged()):
+        raise PipelineError(
+            f"the git index holds staged changes ({', '.join(staged[:5])}{' ...' if len(staged) > 5 else ''}); "
+            "the pipeline commits its records and will not take them along. Commit or unstage them "
+            "(`git restore --staged PATH`), then run again; nothing was done."
+        )
     parent, parent_version, forgotten, previous = starting_point(tracker, params)
     if item.concept in forgotten:
         queue.update(request_id, state=State.accepted, version=parent_version)
@@ -224,24 +246,67 @@ def process_request(
         "recipe_name": name,
         "recipe_hash": recipe_hash(spec.recipe),
     }
-    save_step(spec)
-    tags["dvc_md5"] = versioner.record_step(key)
-    if pl.dvc_push:
-        versioner.push(f"step@{key}")
-    tags["dvc_stage"] = f"step@{key}"
+    version_step(spec, versioner, pl.dvc_push, tags, queue, tracker, run_id)
     version = tracker.register(attempt_run, spec.model_dir, tags, pl.auto_promote)
     queue.update(request_id, state=State.accepted, version=version, step=key, reasons=[])
     outcome.record = write_deletion_record(
         item, spec, outcome.metrics, verdict, version, pl.tracking.registered_model, tags
     )
     message = f"cul: {request_id} forget {item.concept} -> step {key}"
-    rev = versioner.commit(message, list(PIPELINE_OUTPUTS)) if pl.git_commit else versioner.head()
+    rev = versioner.commit(message, step_records(key, request_id)) if pl.git_commit else versioner.head()
     tracker.tag_version(version, "dvc_rev", rev)
     tracker.set_outcome(run_id, f"version {version}")
     tracker.close(run_id)
     outcome.accepted, outcome.version, outcome.step = True, version, key
     outcome.dvc = {"dvc_md5": tags["dvc_md5"], "dvc_rev": rev}
     return outcome
+
+
+def version_step(
+    spec: StepSpec, versioner: Versioner, push: bool, tags: dict[str, str], queue: Queue, tracker: Tracker, run_id: str
+) -> None:
+    """All or nothing: the step joins `requests/steps.yaml` and `dvc.lock` (and the remote) only
+    if `dvc commit` and `dvc push` both succeed; otherwise both files are put back as they were,
+    the request is pending again and nothing is registered, so a rerun takes the same key."""
+    kept = {path: path.read_bytes() if path.exists() else None for path in (Path(STEPS_FILE), Path("dvc.lock"))}
+    try:
+        save_step(spec)
+        tags["dvc_md5"] = versioner.record_step(spec.key)
+        if push:
+            versioner.push(f"step@{spec.key}")
+    except Exception as e:
+        for path, data in kept.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(data)
+        reason = f"versioning step {spec.key} failed, nothing registered: {str(e).strip()[-300:]}"
+        queue.update(spec.request.id or "", state=State.pending, reasons=[reason])
+        tracker.set_outcome(run_id, "versioning failed")
+        tracker.close(run_id, ok=False)
+        raise PipelineError(
+            f"{spec.request.id}: {reason}. The request is pending again; fix the DVC remote and run again."
+        ) from e
+    tags["dvc_stage"] = f"step@{spec.key}"
+
+
+def recover_stranded(queue, tracker: Tracker, log: Callable[[str], None] = print) -> list[str]:
+    """Requests left "in progress" by a run that ended without finishing (killed, crashed): their
+    open MLflow runs are marked failed and they are pending again. Call it only while holding the
+    lineage lock, when no other run can be processing them."""
+    stranded = [r.id for r in queue.items() if r.state == State.in_progress]
+    for request_id in stranded:
+        closed = tracker.fail_open_runs(request_id)
+        queue.update(
+            request_id,
+            state=State.pending,
+            reasons=["interrupted: the run processing it ended without finishing; processed again"],
+        )
+        log(
+            f"{request_id} was left in progress by a run that ended without finishing ({closed} MLflow run(s) "
+            "marked failed); it is pending again"
+        )
+    return stranded
 
 
 def stops_the_run(summary: dict, params: Params) -> bool:

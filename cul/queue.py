@@ -2,7 +2,9 @@
 of each (pending -> in progress -> accepted as model version N, or sent to review).
 
 One YAML file (`requests/queue.yaml`, tracked by git so its history is the audit trail of the
-queue itself). Writes are atomic (temp file + rename), so a crash never leaves half a file.
+queue itself). Writes are atomic (temp file + rename), so a crash never leaves half a file, and
+every read-modify-write holds a lock across processes, so two people adding at once both get
+their request in, each with its own id.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cul.io.locks import file_lock
 from cul.unlearning.request import Request, RequestError, resolve_request
 
 
@@ -61,6 +64,10 @@ class RequestQueue:
     def __init__(self, path: str | Path = "requests/queue.yaml") -> None:
         self.path = Path(path)
 
+    def _locked(self):
+        """The queue's lock: held for every read-modify-write (`add`, `update`)."""
+        return file_lock(self.path.parent / f".{self.path.name}.lock", what=f"the request queue {self.path}")
+
     def items(self) -> list[QueuedRequest]:
         if not self.path.exists():
             return []
@@ -86,6 +93,10 @@ class RequestQueue:
 
     def add(self, concept: str, kind: str | None = None, note: str = "", by: str | None = None) -> QueuedRequest:
         """Validate against the vocabulary and the queue; refuse duplicates with a clear message."""
+        with self._locked():
+            return self._add(concept, kind, note, by)
+
+    def _add(self, concept: str, kind: str | None, note: str, by: str | None) -> QueuedRequest:
         items = self.items()
         done = [r.concept for r in items if r.state == State.accepted]
         resolved = resolve_request(Request(concept=concept, kind=kind), forgotten=done)
@@ -106,6 +117,10 @@ class RequestQueue:
         return item
 
     def update(self, request_id: str, **changes) -> QueuedRequest:
+        with self._locked():
+            return self._update(request_id, changes)
+
+    def _update(self, request_id: str, changes: dict) -> QueuedRequest:
         items = self.items()
         for i, r in enumerate(items):
             if r.id == request_id:

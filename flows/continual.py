@@ -17,9 +17,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cul.config import Params
+from cul.io.locks import LineageLock
 from cul.io.tracking import Tracker, TrackingSettings
 from cul.io.versioning import Versioner
-from cul.pipeline import process_request, stops_the_run
+from cul.pipeline import process_request, recover_stranded, stops_the_run
 from cul.queue import RequestQueue
 from cul.step import StepSpec, prepare_data, train_and_evaluate
 
@@ -126,10 +127,18 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
 @flow(name="cul-continual", log_prints=True)
 def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit: int | None = None) -> list[dict]:
     """Every pending request, oldest first, each from the champion at that moment (a run stops
-    after its first accepted step when a person promotes versions)."""
+    after its first accepted step when a person promotes versions). One run per model lineage at a
+    time: a second run is refused (`LockBusy`); requests a dead run left in progress are redone."""
     params = load_params(params_path, quick)
+    with LineageLock(params.pipeline.tracking.registered_model).hold():
+        return _continual(params, params_path, quick, limit)
+
+
+def _continual(params: Params, params_path: str, quick: bool, limit: int | None) -> list[dict]:
     prepare_world(params.world.size, params.world.seed, params.world.eval_seed, str(params.paths.world))
-    pending = RequestQueue(params.pipeline.requests_file).pending()[: limit or None]
+    queue = RequestQueue(params.pipeline.requests_file)
+    recover_stranded(queue, Tracker(params.pipeline.tracking), log=get_run_logger().warning)
+    pending = queue.pending()[: limit or None]
     results = []
     for item in pending:
         t0 = time.perf_counter()

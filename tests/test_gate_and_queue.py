@@ -8,31 +8,12 @@ import json
 import pytest
 import yaml
 
-from cul.evaluation import StepMetrics, retention
 from cul.gate import EscalationPolicy, Gate, GateConfig
 from cul.queue import RequestQueue, State
 from cul.step import StepSpec, load_steps, next_key, save_step
 from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe
 from cul.unlearning.request import AlreadyForgotten, Request, RequestError
-from cul.world import CONCEPTS
-
-ALL = [c.name for kind in CONCEPTS.values() for c in kind]
-
-
-def metrics_for(
-    scores: dict[str, float], forgotten: list[str], fd_ratio: float = 1.0, base_scores: dict[str, float] | None = None
-) -> StepMetrics:
-    """A candidate's evaluation, built the way the evaluator reports it: per-concept scores, the
-    retention figures derived from them, and the base model's figures on the same scenes."""
-    per_concept = {n: 1.0 for n in ALL} | scores
-    base = retention(base_scores or {n: 1.0 for n in ALL}, forgotten)
-    return StepMetrics(
-        per_concept=per_concept,
-        **retention(per_concept, forgotten),
-        fd_ratio=fd_ratio,
-        ua=1 - per_concept[forgotten[-1]],
-        base=base,
-    )
+from tests.support.fakes import ALL, metrics_for
 
 
 def test_gate_accepts_a_clean_step():

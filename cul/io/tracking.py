@@ -93,6 +93,20 @@ class Tracker:
     def close(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def fail_open_runs(self, request_id: str) -> int:
+        """Mark FAILED every run of `request_id` (and its attempts) still RUNNING: what a killed
+        run leaves behind. Returns how many were closed."""
+        running = "attributes.status = 'RUNNING'"
+        found = self.client.search_runs([self.experiment_id], f"tags.request_id = '{request_id}' and {running}")
+        for run in list(found):
+            found += self.client.search_runs(
+                [self.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and {running}"
+            )
+        for run in found:
+            self.client.set_tag(run.info.run_id, "outcome", "interrupted")
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        return len(found)
+
     def set_outcome(self, run_id: str, outcome: str) -> None:
         """What became of the request (`version N`, `review`), as the run's `outcome` tag."""
         self.client.set_tag(run_id, "outcome", outcome)

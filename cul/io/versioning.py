@@ -62,21 +62,20 @@ class Versioner:
     def push(self, *targets: str) -> None:
         self.dvc("push", *(["--remote", self.remote] if self.remote else []), *targets)
 
+    def staged(self) -> list[str]:
+        """Paths with changes staged in the index (a user's work in progress, before a run)."""
+        out = self.git("diff", "--cached", "--name-only", check=False)
+        return [line for line in out.splitlines() if line]
+
     def commit(self, message: str, paths: list[str]) -> str:
-        """Commit the step's records to git; returns the new revision (the step's DVC revision)."""
+        """Commit exactly `paths` (the files the step wrote), whatever else is staged or untracked
+        in the tree; returns the new revision (the step's DVC revision)."""
         present = [p for p in paths if (self.root / p).exists()]
-        self.git("add", "--", *present)
-        if not self.git("diff", "--cached", "--name-only"):
+        if present:
+            self.git("add", "--", *present)
+        changed = self.git("diff", "--cached", "--name-only", "--", *paths).splitlines() if paths else []
+        if not changed:
             return self.head()
-        self.git(
-            "-c",
-            "user.name=cul-pipeline",
-            "-c",
-            "user.email=cul-pipeline@localhost",
-            "commit",
-            "-q",
-            "--no-verify",
-            "-m",
-            message,
-        )
+        who = ["-c", "user.name=cul-pipeline", "-c", "user.email=cul-pipeline@localhost"]
+        self.git(*who, "commit", "-q", "--no-verify", "-m", message, "--only", "--", *changed)
         return self.head()

@@ -277,15 +277,26 @@ class StableDiffusion(DiffusionModel):
         return cls(pipe, sampling)
 
 
+class ModelLoadError(ValueError):
+    """A model directory that cannot be opened (missing, foreign, corrupt); the message says which."""
+
+
 def load_model(path: str | Path) -> DiffusionModel:
-    """Open either kind of model directory: ours (cul_model.json) or a diffusers SD pipeline."""
+    """Open either kind of model directory: ours (cul_model.json) or a diffusers SD pipeline.
+    Weights load from safetensors only; anything else, or a corrupt file, raises `ModelLoadError`."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {path}")
+        raise ModelLoadError(f"no model directory at {path}")
     meta_file = path / MODEL_FILE
-    kind = json.loads(meta_file.read_text()).get("kind") if meta_file.exists() else None
-    if kind == WorldDiffusion.kind:
-        return WorldDiffusion.from_pretrained(path)
-    if kind == StableDiffusion.kind or (path / "model_index.json").exists():
+    try:
+        kind = json.loads(meta_file.read_text()).get("kind") if meta_file.exists() else None
+    except (ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{meta_file}: not a readable model description ({e})") from e
+    if kind != WorldDiffusion.kind and kind != StableDiffusion.kind and not (path / "model_index.json").exists():
+        raise ModelLoadError(f"{path} is neither a cul world model nor a Stable Diffusion pipeline directory")
+    try:
+        if kind == WorldDiffusion.kind:
+            return WorldDiffusion.from_pretrained(path)
         return StableDiffusion.from_pretrained(path)
-    raise ValueError(f"{path} is neither a cul world model nor a Stable Diffusion pipeline directory")
+    except Exception as e:  # safetensors, diffusers and torch each raise their own kind
+        raise ModelLoadError(f"{path}: the weights cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from e
