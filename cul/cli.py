@@ -221,10 +221,11 @@ def print_metrics(metrics: dict) -> None:
 
 
 def _embedded_prefect() -> None:
-    """Embedded defaults: with no PREFECT_API_URL a flow starts a temporary local server; keep
-    its database in the project, offline, with a startup timeout that fits a slow laptop."""
+    """Embedded defaults: with no PREFECT_API_URL `cul run` starts a temporary local server
+    (flows/embedded.py); keep its database in the project, offline, quiet."""
     import os
 
+    Path(".prefect").mkdir(exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -280,16 +281,21 @@ def run(
         console.print("no pending requests; add one with `cul request add CONCEPT`")
         return
     _embedded_prefect()
-    from flows.continual import continual_flow
+    from flows.embedded import crash_dead_runs, embedded_server  # before Prefect: it sets PREFECT_API_URL
 
-    t0 = time.perf_counter()
-    try:
-        results = continual_flow(str(params), quick=quick, limit=limit)
-    except LockBusy as e:
-        _fail(str(e), BUSY)
-    except PipelineError as e:
-        _fail(str(e), STOPPED)
-    seconds = time.perf_counter() - t0
+    with embedded_server(log=Path(".prefect") / "server.log") as url:
+        from flows.continual import continual_flow
+
+        if url and (crashed := crash_dead_runs()):
+            console.print(f"{crashed} flow run(s) left running by a killed `cul run` marked crashed")
+        t0 = time.perf_counter()
+        try:
+            results = continual_flow(str(params), quick=quick, limit=limit)
+        except LockBusy as e:
+            _fail(str(e), BUSY)
+        except PipelineError as e:
+            _fail(str(e), STOPPED)
+        seconds = time.perf_counter() - t0
     _print_steps(results, seconds, p)
     if summary:
         _write_json(

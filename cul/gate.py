@@ -27,7 +27,7 @@ class GateConfig(BaseModel):
     max_drop_cross: float = Field(0.05, ge=0, le=1)
     max_drop_neighbour: float = Field(0.10, ge=0, le=1)
     max_drop_vs_previous: float = Field(0.05, ge=0, le=1)  # any RA below the previous accepted model's
-    max_fd_ratio: float = Field(2.5, ge=1)  # FD on clean scenes / the base model's on the same scenes
+    max_fd_ratio: float = Field(2.5, gt=0)  # FD on clean scenes / the base model's on the same scenes
     min_ua_earlier: float = Field(0.9, ge=0, le=1)  # every earlier forgotten concept stays forgotten
 
 

@@ -294,7 +294,7 @@ def test_promoting_a_version_that_does_not_exist_says_so(tmp_path, monkeypatch):
     "bad, says",
     [
         ({"gate": {"max_drop_in": 7}}, "max_drop_in"),
-        ({"gate": {"max_fd_ratio": 0.5}}, "max_fd_ratio"),
+        ({"gate": {"max_fd_ratio": 0}}, "max_fd_ratio"),
         ({"method": "dfrr"}, "neither a method"),
         ({"escalation": {"max_attempts": 0}}, "max_attempts"),
     ],
@@ -325,3 +325,75 @@ def test_the_lock_waits_for_a_short_writer(tmp_path):
     with file_lock(tmp_path / "x.lock"):
         pass
     assert time.perf_counter() - started < 5
+
+
+# -- a killed run -----------------------------------------------------------------------------------
+def _processes_of(project: Path) -> list[int]:
+    """Live processes whose PREFECT_HOME is the project's: `cul run` and its embedded server."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PREFECT_HOME={project / '.prefect'}".encode() in environ:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_step_leaves_no_process_and_the_next_run_completes_it_once(tmp_path):
+    import mlflow
+
+    from tests.support.project import copy_project, tiny_params
+
+    project = copy_project(tmp_path / "project")
+    tiny_params(
+        project,
+        gate={
+            "min_ua": 0.0,
+            "max_drop_in": 1.0,
+            "max_drop_cross": 1.0,
+            "max_drop_neighbour": 1.0,
+            "max_drop_vs_previous": 1.0,
+            "max_fd_ratio": 1000.0,
+            "min_ua_earlier": 0.0,
+        },
+    )
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cli = [sys.executable, "-m", "cul.cli"]
+    subprocess.run([*cli, "request", "add", "yellow"], cwd=project, env=env, check=True, capture_output=True)
+    run = subprocess.Popen(
+        [*cli, "run", "--quiet"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    queue = project / "requests" / "queue.yaml"
+    deadline = time.monotonic() + 600
+    while "in_progress" not in queue.read_text():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its step started"
+        time.sleep(0.5)
+    time.sleep(3)  # inside the step now
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    for _ in range(40):  # the embedded server gets SIGTERM from the kernel as its parent dies
+        if not _processes_of(project):
+            break
+        time.sleep(0.5)
+    assert _processes_of(project) == [], "a process of the killed run is still alive"
+    assert LineageLock("cul-world", root=project).is_free()
+
+    again = subprocess.run([*cli, "run", "--quiet"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "marked crashed" in again.stdout
+    item = RequestQueue(queue).get("r001")
+    assert item.state == State.accepted and (item.version, item.step) == (1, "s01")
+    assert list(load_steps(project / "requests" / "steps.yaml")) == ["s01"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='cul-world'")) == 1
+    requests_runs = client.search_runs(
+        [client.get_experiment_by_name("cul-continual-unlearning").experiment_id], "tags.request_id = 'r001'"
+    )
+    assert sorted(r.info.status for r in requests_runs) == ["FAILED", "FINISHED"]
+    assert _processes_of(project) == []

@@ -59,10 +59,12 @@ def test_copy_does_not_share_weights(tiny_world_model):
 
 
 def test_load_model_refuses_unknown_directories(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    from cul.models.diffusion import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no model directory"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ModelLoadError, match="neither"):
         load_model(tmp_path / "empty")
 
 
