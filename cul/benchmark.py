@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 import yaml
 from diffusers import UNet2DConditionModel
 
+from cul import threads
 from cul.evaluation import Evaluator, weight_drift
 from cul.fmt import pct, times
 from cul.io.provenance import provenance
@@ -128,6 +128,7 @@ def run_sequence(
     for request in todo:
         k = len(results) + 1
         step_dir = out / "steps" / f"{k:02d}"
+        threads.reset_used()
         t0 = time.perf_counter()
         start = model if chained else base_model
         ps = prepare_step(start, request, forgotten if chained else [], recipe, seed=k)
@@ -172,7 +173,7 @@ def run_sequence(
             "seconds_replay": round(result.seconds_replay, 1),
             "seconds_train": round(result.seconds_train, 1),
             "replay_images": result.replay_images,
-            "threads": torch.get_num_threads(),  # timings are only comparable at equal threads
+            "threads": threads.threads_used(),  # timings are only comparable at equal threads
             "surrogates": ps.surrogates,
             "base": m.base.model_dump() if m.base else None,
             "per_concept": m.per_concept,

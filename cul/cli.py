@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cul import threads
 from cul.config import Params
 
 app = typer.Typer(
@@ -38,9 +39,11 @@ def _params(path: Path) -> Params:
     from cul.config import ParamsError
 
     try:
-        return Params.load(path)
+        p = Params.load(path)
     except ParamsError as e:  # names the file and the bad key
         raise typer.BadParameter(str(e)) from e
+    threads.configure(p.compute)
+    return p
 
 
 def _model(path: Path):
@@ -266,6 +269,12 @@ def run(
             "nothing. Wait for it to finish, or stop it, and run again.",
             BUSY,
         )
+    if (catalogue := p.pipeline.concept_catalogue()).name != "world":
+        _fail(
+            f"requests of the catalogue {catalogue.name!r} can be queued, but the pipeline builds prompt sets and "
+            "judges images for the embedded world's catalogue only so far; set pipeline.catalogue to world to run.",
+            STOPPED,
+        )
     _ensure_base(p, params, quiet)
     queue = RequestQueue(p.pipeline.requests_file)
     if not queue.items():
@@ -349,7 +358,7 @@ app.add_typer(request_app, name="request")
 @request_app.command("add")
 def request_add(
     concept: str,
-    kind: str | None = typer.Option(None, help="object, colour or texture."),
+    kind: str | None = typer.Option(None, help="The concept's category in the catalogue (object, colour, style...)."),
     note: str = typer.Option("", help="Why (ticket, legal basis...)."),
     by: str | None = typer.Option(None, help="Who asks (default: your user name)."),
     params: Path = ParamsOpt,
@@ -362,12 +371,13 @@ def request_add(
 
     p = _params(params)
     try:
-        item = RequestQueue(p.pipeline.requests_file).add(concept, kind, note, by)
+        item = RequestQueue(p.pipeline.requests_file, p.pipeline.concept_catalogue()).add(concept, kind, note, by)
     except RequestError as e:
         _fail(f"refused: {e}")
     except ValidationError as e:  # an empty concept, a kind that is not one
         _fail("refused: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'request'}: {x['msg']}" for x in e.errors()))
-    console.print(Text(f"queued {item.id}: forget {item.concept} ({item.kind})"))
+    said = "" if " ".join(concept.split()) == item.concept else f" ({' '.join(concept.split())!r} names it)"
+    console.print(Text(f"queued {item.id}: forget {item.concept} ({item.kind}){said}"))
 
 
 @request_app.command("list")
@@ -555,20 +565,86 @@ def report(
     console.print(f"-> {out}/table.md, {out}/metrics.png")
 
 
-@app.command()
-def vocab() -> None:
-    """List the world's concepts per kind, with their synonyms and held-out paraphrases."""
-    from cul.world import CONCEPTS, CONFUSABLES
+concept_app = typer.Typer(help="The concept catalogue: what requests may name.", no_args_is_help=True)
+app.add_typer(concept_app, name="concept")
+CatalogueOpt = typer.Option(None, "--catalogue", help="A catalogue name or file (default: pipeline.catalogue).")
 
-    t = Table(title="the world's concepts")
-    for col in ("kind", "concept", "training synonyms", "held-out", "confusable with"):
+
+def _catalogue(p: Params, catalogue: str | None):
+    from cul.catalogue import Catalogue, CatalogueError
+
+    try:
+        return Catalogue.load(catalogue or p.pipeline.catalogue)
+    except CatalogueError as e:
+        _fail(str(e))
+
+
+@concept_app.command("list")
+def concept_list(catalogue: str | None = CatalogueOpt, params: Path = ParamsOpt) -> None:
+    """Every concept of the catalogue with its synonyms, paraphrases, neighbours and surrogates."""
+    cat = _catalogue(_params(params), catalogue)
+    t = Table(title=f"catalogue {cat.name}: {len(cat.concepts)} concepts")
+    for col in ("category", "concept", "synonyms", "paraphrases", "neighbours", "surrogates"):
         t.add_column(col)
-    for kind, group in CONCEPTS.items():
-        for c in group:
-            t.add_row(
-                kind.value, c.name, ", ".join(c.synonyms[1:]), ", ".join(c.held_out), ", ".join(CONFUSABLES[c.name])
-            )
+    for c in cat.concepts:
+        cells = (c.category, c.name, *(", ".join(x) for x in (c.synonyms, c.paraphrases, c.neighbours, c.surrogates)))
+        t.add_row(*(Text(x) for x in cells))
     console.print(t)
+
+
+@concept_app.command("add")
+def concept_add(
+    name: str = typer.Argument(..., help="The concept's name, as prompts write it."),
+    category: str = typer.Option(..., help="Its category: an existing one (object, style...) or a new one."),
+    synonyms: list[str] = typer.Option([], "--synonym", help="Another name of it (repeatable)."),
+    paraphrases: list[str] = typer.Option([], "--paraphrase", help="A held-out wording for probing (repeatable)."),
+    neighbours: list[str] = typer.Option([], "--neighbour", help="A concept to keep when it is forgotten."),
+    surrogates: list[str] = typer.Option([], "--surrogate", help="What it may be mapped to when erased."),
+    model: Path | None = typer.Option(None, help="Rank automatic choices by this model's noise predictions."),
+    catalogue: str | None = CatalogueOpt,
+    params: Path = ParamsOpt,
+) -> None:
+    """Add a concept to the catalogue; missing neighbours and surrogates are chosen automatically
+    (text embedding, then the model's noise predictions) and written into the entry for review."""
+    from pydantic import ValidationError
+
+    from cul.catalogue import CATALOGUES, CatalogueError, ConceptEntry
+    from cul.text import TextEncoder
+
+    p = _params(params)
+    target = catalogue or p.pipeline.catalogue
+    cat = _catalogue(p, target)
+    path = Path(target) if Path(target).suffix in (".yaml", ".yml") else CATALOGUES / f"{target}.yaml"
+    try:
+        entry = ConceptEntry(
+            name=name,
+            category=category,
+            synonyms=synonyms,
+            paraphrases=paraphrases,
+            neighbours=neighbours,
+            surrogates=surrogates,
+        )
+        m = _model(model) if model else None
+        entry = cat.add(entry, TextEncoder.from_minilm().pooled, model=m)
+    except ValidationError as e:
+        _fail("refused: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}" for x in e.errors()))
+    except (CatalogueError, KeyError) as e:
+        _fail(f"refused: {str(e).strip(chr(34))}")
+    header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
+    cat.save(path, header=header)
+    how = f" (chosen: {entry.chosen['rule']})" if entry.chosen else ""
+    console.print(
+        Text(
+            f"added {entry.name} ({entry.category}) to {path}: neighbours {', '.join(entry.neighbours) or '-'}; "
+            f"surrogates {', '.join(entry.surrogates) or '-'}{how}"
+        )
+    )
+
+
+@app.command()
+def vocab(params: Path = ParamsOpt) -> None:
+    """The active catalogue's concepts (the same as `cul concept list`)."""
+    concept_list(None, params)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,12 +11,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cul.catalogue import Catalogue, CatalogueError
 from cul.evaluation import EvalSpec
 from cul.gate import EscalationPolicy, GateConfig
 from cul.io.tracking import TrackingSettings
 from cul.judge import JudgeConfig
 from cul.models.diffusion import SamplingConfig, WorldUNetConfig
 from cul.pretrain import PretrainConfig
+from cul.threads import ComputeSettings
 from cul.unlearning.recipes import Recipe, RecipeError, load_recipe
 
 
@@ -59,6 +61,7 @@ class PipelineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = "dfr"  # a production method (dfr, ca, esd, naive) or a recipe file (experiments/NAME.yaml)
+    catalogue: str = "world"  # what requests may name: catalogues/NAME.yaml, or a path to a catalogue file
     train_steps: int | None = Field(None, ge=1)  # None: the recipe's own steps (the quick profile may set it)
     requests_file: Path = Path("requests/queue.yaml")
     default_requests: Path = Path("benchmarks/default-sequence.yaml")  # what `cul run` queues
@@ -71,6 +74,18 @@ class PipelineSettings(BaseModel):
     git_commit: bool = True  # commit each accepted step's records (spec, lock, metrics)
     quick: QuickProfile = QuickProfile()
     cron: str = "0 2 * * *"  # the scheduled deployment of the continual flow
+
+    @field_validator("catalogue")
+    @classmethod
+    def _catalogue_loads(cls, v: str) -> str:
+        try:
+            Catalogue.load(v)
+        except CatalogueError as e:
+            raise ValueError(str(e)) from e
+        return v
+
+    def concept_catalogue(self) -> Catalogue:
+        return Catalogue.load(self.catalogue)
 
     @field_validator("method")
     @classmethod
@@ -100,6 +115,7 @@ class Params(BaseModel):
     eval: EvalSpec = EvalSpec()  # seeds of every evaluation; stride applies to unlearning runs
     paths: PathsConfig = PathsConfig()
     pipeline: PipelineSettings = PipelineSettings()
+    compute: ComputeSettings = ComputeSettings()  # CPU threads: the free cores, measured (cul/threads.py)
 
     def quick_profile(self) -> Params:
         """These settings with `pipeline.quick` applied (`cul run --quick`): the quick profile's

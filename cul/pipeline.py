@@ -96,10 +96,15 @@ class RequestOutcome:
     metrics: dict = field(default_factory=dict)  # of the last attempt
     record: Path | None = None  # the deletion record (markdown)
     dvc: dict[str, str] = field(default_factory=dict)
+    # what this run spent, measured here: data already prepared by an earlier (killed) run costs
+    # only the time to find it, and every attempt's training and evaluation count
+    seconds_prepare: float = 0.0
+    seconds_train: float = 0.0
+    seconds_eval: float = 0.0
 
     def summary(self) -> dict:
         """The flat dict the flows return and `cul run` prints."""
-        keys = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "seconds_step", "seconds_eval")
+        keys = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio")
         out: dict = {"request": self.request, "accepted": self.accepted, "version": self.version}
         if self.noop:
             return {**out, "noop": True}
@@ -107,7 +112,11 @@ class RequestOutcome:
             out.update(step=self.step, **self.dvc)
         else:
             out.update(reasons=self.reasons, attempts=len(self.attempts))
-        return {**out, **{k: self.metrics.get(k) for k in keys}}
+        seconds = {
+            "seconds_step": round(self.seconds_prepare + self.seconds_train, 1),  # data, replay and training
+            "seconds_eval": round(self.seconds_eval, 1),
+        }
+        return {**out, **{k: self.metrics.get(k) for k in keys}, **seconds}
 
 
 def starting_point(tracker: Tracker, params: Params) -> tuple[str, int | None, list[str], dict | None]:
@@ -199,9 +208,10 @@ def process_request(
         },
     )
     log(f"{request_id}: forget {item.concept} from {parent} (version {parent_version}) as step {key} with {name}")
-    data_dir = runner.prepare(base_spec)
-
     outcome = RequestOutcome(request_id, item.concept, accepted=False)
+    t0 = time.perf_counter()
+    data_dir = runner.prepare(base_spec)
+    outcome.seconds_prepare = time.perf_counter() - t0
     spec, attempt_run, failed = base_spec, "", list[str]()
     for attempt in range(pl.escalation.max_attempts):
         attempt_recipe = pl.escalation.config_for(recipe, attempt, failed)
@@ -214,6 +224,8 @@ def process_request(
         )
         t0 = time.perf_counter()
         outcome.metrics = runner.attempt(spec, data_dir, attempt_run)
+        outcome.seconds_train += outcome.metrics.get("seconds_train", 0.0)
+        outcome.seconds_eval += outcome.metrics.get("seconds_eval", 0.0)
         m = StepMetrics.model_validate(outcome.metrics)
         verdict = Gate(pl.gate).decide(m, forgotten + [item.concept], previous)
         tracker.log_attempt(attempt_run, outcome.metrics, verdict, spec.report_dir)

@@ -19,8 +19,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cul.catalogue import Catalogue
 from cul.io.locks import file_lock
 from cul.unlearning.request import Request, RequestError, resolve_request
+from cul.world import CATALOGUE
 
 
 class State(str, Enum):
@@ -61,8 +63,9 @@ def _now() -> str:
 
 
 class RequestQueue:
-    def __init__(self, path: str | Path = "requests/queue.yaml") -> None:
+    def __init__(self, path: str | Path = "requests/queue.yaml", catalogue: Catalogue | None = None) -> None:
         self.path = Path(path)
+        self.catalogue = catalogue  # what requests resolve against (None: the world's)
 
     def _locked(self):
         """The queue's lock: held for every read-modify-write (`add`, `update`)."""
@@ -99,7 +102,8 @@ class RequestQueue:
     def _add(self, concept: str, kind: str | None, note: str, by: str | None) -> QueuedRequest:
         items = self.items()
         done = [r.concept for r in items if r.state == State.accepted]
-        resolved = resolve_request(Request(concept=concept, kind=kind), forgotten=done)
+        request = Request(concept=concept, kind=kind)
+        resolved = resolve_request(request, forgotten=done, catalogue=self.catalogue or CATALOGUE)
         for r in items:
             if r.concept == resolved.concept and r.state in (State.pending, State.in_progress, State.review):
                 raise RequestError(f"{resolved.concept!r} is already requested ({r.id}, {r.describe()})")
@@ -107,7 +111,7 @@ class RequestQueue:
         item = QueuedRequest(
             id=f"r{number:03d}",
             concept=resolved.concept,
-            kind=resolved.kind.value,
+            kind=resolved.kind,
             note=note,
             by=by or _user(),
             at=_now(),

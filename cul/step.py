@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cul import threads
 from cul.config import Params
 from cul.evaluation import EvalSpec
 from cul.fmt import pct, times
@@ -131,7 +132,6 @@ def train_and_evaluate(
     """Unlearn from the parent with the prepared data, save the weights, evaluate against the base
     model, and write metrics.json (with the recipe and commit that made it) and a before/after grid.
     The parent and the base model are each loaded once."""
-    import torch
 
     from cul.evaluation import Evaluator, evidence_prompts, paraphrase_ua, weight_drift
     from cul.io.provenance import provenance
@@ -141,6 +141,7 @@ def train_and_evaluate(
     from cul.unlearning.prompts import PromptSet
     from cul.unlearning.trainer import unlearn
 
+    threads.reset_used()
     data_dir = Path(data_dir or spec.data_dir)
     out_model = Path(out_model or spec.model_dir)
     out_report = Path(out_report or spec.report_dir)
@@ -189,7 +190,7 @@ def train_and_evaluate(
         "seconds_step": round(replay_seconds + result.seconds_train, 1),
         "seconds_eval": round(time.perf_counter() - t1, 1),
         "replay_images": sum(len(b) for b in (buffers or {}).values()) or result.replay_images,
-        "threads": torch.get_num_threads(),
+        "threads": threads.threads_used(),  # torch's thread counts over the step, in order
         "base": m.base.model_dump() if m.base else None,
         "per_concept": m.per_concept,
         "history": result.history,

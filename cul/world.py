@@ -11,11 +11,13 @@ paraphrases of a concept can be probed later. Everything is deterministic by see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
+
+from cul.catalogue import Catalogue
 
 
 class Kind(str, Enum):
@@ -40,22 +42,24 @@ class Concept:
         return self.synonyms + self.held_out
 
 
-def _c(kind: Kind, name: str, *synonyms: str, held_out: Sequence[str] = ()) -> Concept:
-    return Concept(name, kind, (name, *synonyms), tuple(held_out))
+CATALOGUE = Catalogue.load("world")  # catalogues/world.yaml: names, synonyms, neighbours, templates
 
 
-OBJECTS: tuple[Concept, ...] = (
-    _c(Kind.OBJECT, "circle", "disc", held_out=["disk"]),
-    _c(Kind.OBJECT, "ellipse", "oval", held_out=["elongated circle"]),
-    _c(Kind.OBJECT, "ring", "hoop", held_out=["donut"]),
-    _c(Kind.OBJECT, "square", "box", held_out=["block"]),
-    _c(Kind.OBJECT, "diamond", "rhombus", held_out=["lozenge"]),
-    _c(Kind.OBJECT, "triangle", "wedge", held_out=["pyramid"]),
-    _c(Kind.OBJECT, "star", "five-pointed star", held_out=["starburst"]),
-    _c(Kind.OBJECT, "cross", "plus sign", held_out=["crosshair"]),
-)
+def _concepts(kind: Kind) -> tuple[Concept, ...]:
+    return tuple(Concept(c.name, kind, (c.name, *c.synonyms), tuple(c.paraphrases)) for c in CATALOGUE.of(kind.value))
 
-# RGB in [0, 1]. Saturated so they stand out from the grey textured background.
+
+OBJECTS: tuple[Concept, ...] = _concepts(Kind.OBJECT)
+COLOURS: tuple[Concept, ...] = _concepts(Kind.COLOUR)
+TEXTURES: tuple[Concept, ...] = _concepts(Kind.TEXTURE)
+
+CONCEPTS: dict[Kind, tuple[Concept, ...]] = {
+    Kind.OBJECT: OBJECTS,
+    Kind.COLOUR: COLOURS,
+    Kind.TEXTURE: TEXTURES,
+}
+
+# RGB in [0, 1] of each colour concept. Saturated so they stand out from the grey textured background.
 COLOUR_RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.08, 0.08),
     "orange": (1.00, 0.50, 0.00),
@@ -67,79 +71,15 @@ COLOUR_RGB: dict[str, tuple[float, float, float]] = {
     "pink": (1.00, 0.45, 0.75),
 }
 
-COLOURS: tuple[Concept, ...] = (
-    _c(Kind.COLOUR, "red", "crimson", held_out=["scarlet"]),
-    _c(Kind.COLOUR, "orange", "tangerine", held_out=["amber"]),
-    _c(Kind.COLOUR, "yellow", "golden", held_out=["lemon"]),
-    _c(Kind.COLOUR, "green", "emerald", held_out=["lime"]),
-    _c(Kind.COLOUR, "cyan", "turquoise", held_out=["aqua"]),
-    _c(Kind.COLOUR, "blue", "azure", held_out=["cobalt"]),
-    _c(Kind.COLOUR, "purple", "violet", held_out=["plum"]),
-    _c(Kind.COLOUR, "pink", "rose", held_out=["fuchsia"]),
-)
+# Confusable neighbours by design. Used to pick retain prompts and RA-N.
+CONFUSABLES: dict[str, tuple[str, ...]] = {c.name: tuple(c.neighbours) for c in CATALOGUE.concepts}
 
-TEXTURES: tuple[Concept, ...] = (
-    _c(Kind.TEXTURE, "plain", "solid", held_out=["blank"]),
-    _c(Kind.TEXTURE, "striped", "banded", held_out=["lined"]),
-    _c(Kind.TEXTURE, "checkered", "chequered", held_out=["checkerboard"]),
-    _c(Kind.TEXTURE, "grid", "mesh", held_out=["lattice"]),
-    _c(Kind.TEXTURE, "dotted", "polka-dot", held_out=["spotted"]),
-    _c(Kind.TEXTURE, "diagonal", "slanted", held_out=["hatched"]),
-    _c(Kind.TEXTURE, "speckled", "noisy", held_out=["grainy"]),
-    _c(Kind.TEXTURE, "gradient", "fading", held_out=["shaded"]),
-)
-
-CONCEPTS: dict[Kind, tuple[Concept, ...]] = {
-    Kind.OBJECT: OBJECTS,
-    Kind.COLOUR: COLOURS,
-    Kind.TEXTURE: TEXTURES,
-}
-
-# Confusable neighbours by design (symmetric). Used to pick retain prompts and RA-N.
-CONFUSABLES: dict[str, tuple[str, ...]] = {
-    "circle": ("ellipse", "ring"),
-    "ellipse": ("circle", "ring"),
-    "ring": ("circle", "ellipse"),
-    "square": ("diamond", "cross"),
-    "diamond": ("square", "star"),
-    "triangle": ("diamond", "star"),
-    "star": ("cross", "triangle"),
-    "cross": ("star", "square"),
-    "red": ("orange", "pink"),
-    "orange": ("red", "yellow"),
-    "yellow": ("orange", "green"),
-    "green": ("cyan", "yellow"),
-    "cyan": ("blue", "green"),
-    "blue": ("purple", "cyan"),
-    "purple": ("blue", "pink"),
-    "pink": ("red", "purple"),
-    "plain": ("gradient", "speckled"),
-    "striped": ("checkered", "grid"),
-    "checkered": ("striped", "grid"),
-    "grid": ("checkered", "striped"),
-    "dotted": ("speckled", "grid"),
-    "diagonal": ("striped", "checkered"),
-    "speckled": ("dotted", "plain"),
-    "gradient": ("plain", "striped"),
-}
-
-# Caption templates. `{o}`, `{c}`, `{t}` are filled with synonyms of the object, colour, texture.
-TRAIN_TEMPLATES: tuple[str, ...] = (
-    "a {c} {o} on a {t} background",
-    "{c} {o}, {t} background",
-    "an image of a {c} {o} over a {t} pattern",
-    "a {t} background behind a {c} {o}",
-)
-HELD_OUT_TEMPLATES: tuple[str, ...] = (
-    "a picture showing a {o} coloured {c} against a {t} backdrop",
-    "{t} backdrop with a {c} {o} in front",
-)
-# Partial captions teach the model each concept's marginal ("a red thing", "a circle").
-PARTIAL_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "oc": ("a {c} {o}",),
-    "ot": ("a {o} on a {t} background",),
-    "ct": ("something {c} on a {t} background",),
-}
+# Caption templates; slots are the categories {object}, {colour}, {texture}.
+TRAIN_TEMPLATES: tuple[str, ...] = tuple(CATALOGUE.templates["train"])
+HELD_OUT_TEMPLATES: tuple[str, ...] = tuple(CATALOGUE.templates["held_out"])
+# Partial captions teach the model each concept's marginal ("a red thing", "a circle"):
+# object + colour, object + texture, colour + texture.
+PARTIAL_TEMPLATES: tuple[str, ...] = tuple(CATALOGUE.templates["partial"])
 
 CANONICAL_TEMPLATE = TRAIN_TEMPLATES[0]
 
@@ -170,7 +110,7 @@ def _article(phrase: str) -> str:
 
 def fill(template: str, o: str = "", c: str = "", t: str = "") -> str:
     """Fill a caption template, fixing 'a' / 'an' before vowels."""
-    text = template.format(o=o, c=c, t=t)
+    text = template.format(object=o, colour=c, texture=t)
     text = _article(" " + text).strip()
     if text.startswith("a ") and text[2:3] in "aeiou":
         text = "an " + text[2:]
@@ -346,8 +286,7 @@ class World:
         if not self.held_out and u < self.empty_caption_prob:
             return ""
         if not self.held_out and u < self.empty_caption_prob + self.partial_caption_prob:
-            key = ("oc", "ot", "ct")[rng.integers(3)]
-            tmpl = PARTIAL_TEMPLATES[key][0]
+            tmpl = PARTIAL_TEMPLATES[rng.integers(len(PARTIAL_TEMPLATES))]
         else:
             pool = HELD_OUT_TEMPLATES if self.held_out else TRAIN_TEMPLATES
             tmpl = pool[rng.integers(len(pool))]

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from cul import threads
 from cul.config import Params
 from cul.io.locks import LineageLock
 from cul.io.tracking import Tracker, TrackingSettings
@@ -28,6 +29,7 @@ from cul.step import StepSpec, prepare_data, train_and_evaluate
 def load_params(params_path: str, quick: bool) -> Params:
     """params.yaml, with the quick profile applied when asked."""
     p = Params.load(params_path)
+    threads.configure(p.compute)
     return p.quick_profile() if quick else p
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.project import copy_project, tiny_params
+from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
 from tests.support.servers import cul
 
 pytestmark = pytest.mark.slow
@@ -44,15 +44,7 @@ def test_scheduled_deployment_runs_once_through_a_worker(servers, tmp_path):
     project = copy_project(tmp_path / "project")
     tiny_params(
         project,
-        gate={
-            "min_ua": 0.0,
-            "max_drop_in": 1.0,
-            "max_drop_cross": 1.0,
-            "max_drop_neighbour": 1.0,
-            "max_drop_vs_previous": 1.0,
-            "max_fd_ratio": 1000.0,
-            "min_ua_earlier": 0.0,
-        },
+        gate=PERMISSIVE_GATE,
         tracking={"experiment": "cul-scheduled", "registered_model": "cul-world-scheduled"},
     )
     cul(project, servers, "request", "add", "yellow")

@@ -97,3 +97,17 @@ def test_the_next_step_starts_from_the_champion_and_a_person_promotes_when_auto_
     assert (spec.parent, spec.parent_version, spec.forgotten) == ("models/steps/s01", 1, ["red"])
     manual = project.model_copy(update={"pipeline": project.pipeline.model_copy(update={"auto_promote": False})})
     assert stops_the_run(out.summary(), manual) and not stops_the_run(out.summary(), project)
+
+
+def test_the_summary_counts_what_this_run_spent_not_what_reused_data_once_cost(project):
+    """A rerun after a kill finds the step's data prepared by the dead run: its summary must not
+    carry that run's replay time, and every attempt's training and evaluation count."""
+    queue, tracker, versioner = RequestQueue(project.pipeline.requests_file), Tracker(), Versioner()
+    runner = Runner(left=[0.5, 0.0])  # the data folder is "found", as a cached prepare task returns it
+    out = process_request("r001", project, queue, tracker, versioner, runner, log=lambda m: None)
+
+    summary = out.summary()
+    assert out.metrics["seconds_step"] == 53.0  # the step's record: replay (made once) + training
+    assert out.seconds_prepare < 1.0
+    assert summary["seconds_step"] == pytest.approx(round(out.seconds_prepare + 2 * 3.0, 1))  # two attempts
+    assert summary["seconds_eval"] == 2.0

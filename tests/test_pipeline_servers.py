@@ -17,26 +17,17 @@ import pytest
 import yaml
 
 from tests.support.browser import require_chromium, set_alias_in_ui
-from tests.support.project import copy_project, tiny_params
+from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
 from tests.support.servers import cul, s3_keys, use_s3_remote
 
 pytestmark = pytest.mark.slow
 MODEL = "cul-world"
-PERMISSIVE = {
-    "min_ua": 0.0,
-    "max_drop_in": 1.0,
-    "max_drop_cross": 1.0,
-    "max_drop_neighbour": 1.0,
-    "max_drop_vs_previous": 1.0,
-    "max_fd_ratio": 1000.0,
-    "min_ua_earlier": 0.0,
-}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, servers):
     root = copy_project(tmp_path_factory.mktemp("project"))
-    tiny_params(root, gate=PERMISSIVE)
+    tiny_params(root, gate=PERMISSIVE_GATE)
     use_s3_remote(root, servers["CUL_S3_ENDPOINT"])
     return root
 
@@ -49,7 +40,7 @@ def _client(env):
 
 def _set_gate(project: Path, auto_promote: bool = True, **gate) -> None:
     p = yaml.safe_load((project / "params.yaml").read_text())
-    p["pipeline"]["gate"] = {**PERMISSIVE, **gate}
+    p["pipeline"]["gate"] = {**PERMISSIVE_GATE, **gate}
     p["pipeline"]["auto_promote"] = auto_promote
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 

@@ -23,7 +23,17 @@ def test_code_defaults_are_the_production_params():
 def test_params_yaml_is_production_only_and_short():
     text = (ROOT / "params.yaml").read_text()
     assert len(text.splitlines()) <= 100
-    assert set(yaml.safe_load(text)) == {"world", "model", "sampling", "pretrain", "judge", "eval", "paths", "pipeline"}
+    assert set(yaml.safe_load(text)) == {
+        "world",
+        "model",
+        "sampling",
+        "pretrain",
+        "judge",
+        "eval",
+        "paths",
+        "pipeline",
+        "compute",
+    }
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)

@@ -20,14 +20,14 @@ from cul.world import concept, resolve
 # -- requests -----------------------------------------------------------------------------------
 def test_request_resolves_a_concept_by_name():
     r = resolve_request(Request(concept="  Circle ", kind="object"))
-    assert r.concept == "circle" and r.kind.value == "object"
+    assert r.concept == "circle" and r.kind == "object"
+    assert resolve_request(Request(concept="Crimson")).concept == "red"  # a synonym names the whole concept
 
 
 @pytest.mark.parametrize(
     "text,forgotten,match",
     [
-        ("banana", [], "unknown concept"),
-        ("crimson", [], "synonym of 'red'"),
+        ("banana", [], "unknown concept 'banana'.*Nearest: "),
         ("circle", ["circle"], "already forgotten"),
     ],
 )

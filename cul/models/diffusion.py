@@ -25,6 +25,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field
 
+from cul import threads
 from cul.text import MINILM, TextEncoder
 
 MODEL_FILE = "cul_model.json"
@@ -160,6 +161,7 @@ class DiffusionModel:
             ddim = self.sampler(steps)
             step_gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             for t in ddim.timesteps:
+                threads.tick()
                 if uncond is not None:
                     eps = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond]))
                     e_u, e_c = eps.chunk(2)

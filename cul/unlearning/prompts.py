@@ -145,14 +145,14 @@ def build_prompt_set(
         forget.append(p)
         mapped.append(m)
     # a few partial captions too ("a red circle"): the concept without full context
-    for key, templates in PARTIAL_TEMPLATES.items():
-        if SLOT[kind] not in key:
+    for template in PARTIAL_TEMPLATES:
+        if "{" + kind.value + "}" not in template:
             continue
         s = contexts[rng.integers(len(contexts))]
         words = {SLOT[k]: concept(getattr(s, FIELD[k])).name for k in SLOT}
         sur = surrogates[len(forget) % len(surrogates)]
-        forget.append(fill(templates[0], **{**words, SLOT[kind]: c.synonyms[rng.integers(len(c.synonyms))]}))
-        mapped.append(fill(templates[0], **{**words, SLOT[kind]: sur}))
+        forget.append(fill(template, **{**words, SLOT[kind]: c.synonyms[rng.integers(len(c.synonyms))]}))
+        mapped.append(fill(template, **{**words, SLOT[kind]: sur}))
 
     same_kind = [x.name for x in CONCEPTS[kind] if x.name not in gone]
     neighbours = [n for n in CONFUSABLES[name] if n not in gone]
@@ -176,10 +176,10 @@ def build_prompt_set(
                 retain["retained"].append(scene_prompt(pool[i], rng)[0])
     clean = _clean_scenes(gone)
     retain["unrelated"].append("")  # the unconditional prompt used by classifier-free guidance
-    for templates in PARTIAL_TEMPLATES.values():
+    for template in PARTIAL_TEMPLATES:
         for i in rng.permutation(len(clean))[:6]:
             s = clean[i]
-            retain["unrelated"].append(fill(templates[0], o=s.object, c=s.colour, t=s.texture))
+            retain["unrelated"].append(fill(template, o=s.object, c=s.colour, t=s.texture))
     forgotten_mapped = []
     for f in forgotten_before:
         fk = concept(f).kind

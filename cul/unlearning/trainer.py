@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
+from cul import threads
 from cul.unlearning.batches import Batches, Source, check_prompts, replay_sources
 from cul.unlearning.objectives import OBJECTIVES
 from cul.unlearning.prompts import PromptSet
@@ -133,6 +134,7 @@ def unlearn(
 
     history = []
     for step in tqdm(range(recipe.steps), desc=f"{recipe.method}: forget {prompts.concept}", disable=not progress):
+        threads.tick()
         terms = objective.losses(student, batches, gen)
         if addons.l2sp:
             terms["l2sp"] = reference.l2_mean()

@@ -11,6 +11,17 @@ import yaml
 
 from tests.support import ROOT
 
+# a gate that accepts any step: the tests that use it are about the pipeline, not the science
+PERMISSIVE_GATE = {
+    "min_ua": 0.0,
+    "max_drop_in": 1.0,
+    "max_drop_cross": 1.0,
+    "max_drop_neighbour": 1.0,
+    "max_drop_vs_previous": 1.0,
+    "max_fd_ratio": 1000.0,
+    "min_ua_earlier": 0.0,
+}
+
 
 def copy_project(dest: Path) -> Path:
     """Tracked and untracked (not ignored) files of this checkout -> a fresh git repo at `dest`."""
