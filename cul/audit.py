@@ -71,7 +71,7 @@ def write_deletion_record(
         f"- Honoured by model **{model_name} version {version}** (`models:/{model_name}/{version}`), "
         f"step `{spec.key}` from version {spec.parent_version or 'base'}, attempt {spec.attempt}, "
         f"recipe `{spec.recipe_name}` (`{recipe_hash(spec.recipe)}`)",
-        f"- Reproduce: `git checkout <commit of this record> && dvc pull && dvc repro step@{spec.key}` "
+        f"- Reproduce: `git checkout <commit of this record> && dvc pull && dvc repro --single-item step@{spec.key}` "
         f"(model md5 `{tags.get('dvc_md5')}`)",
         f"- Concepts forgotten by this version: {', '.join(metrics['forgotten'])}",
         "",

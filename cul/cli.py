@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -348,7 +349,7 @@ def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
         "Records:    reports/audit/*.md (deletion records), reports/steps/*/ (metrics, before/after),"
         " `cul request list`, `cul versions`"
     )
-    console.print("Reproduce:  dvc pull && dvc repro step@KEY")
+    console.print("Reproduce:  dvc pull && dvc repro --single-item step@KEY")
 
 
 request_app = typer.Typer(help="The deletion-request queue.", no_args_is_help=True)
@@ -630,7 +631,8 @@ def concept_add(
         _fail("refused: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}" for x in e.errors()))
     except (CatalogueError, KeyError) as e:
         _fail(f"refused: {str(e).strip(chr(34))}")
-    header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
+    lines = path.read_text().splitlines()
+    header = "".join(line + "\n" for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
     cat.save(path, header=header)
     how = f" (chosen: {entry.chosen['rule']})" if entry.chosen else ""
     console.print(

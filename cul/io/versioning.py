@@ -1,6 +1,7 @@
 """DVC and git: every accepted step becomes a `step@KEY` stage whose outputs (prompts, replay
 buffer, weights) are DVC-cached and pushed, and whose spec and lock are committed to git, so
-`git checkout REV && dvc pull && dvc repro step@KEY` rebuilds it.
+`git checkout REV && dvc pull && dvc repro --single-item step@KEY` rebuilds it (only it: the
+base model and judge it reads are committed to git).
 
 The remote is whatever `.dvc/config` names (a local folder by default). S3: add a remote with
 `dvc remote add --local` and pass credentials through the environment (AWS_ACCESS_KEY_ID, ...):

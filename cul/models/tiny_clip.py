@@ -7,23 +7,20 @@ arbitrary; its plumbing is the real thing.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from cul.models.tiny_sd import write_char_tokenizer
+from cul.models.tiny_sd import char_tokenizer
 
 
 def build_tiny_clip(path: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """Build and save a tiny CLIP directory (about 0.1M parameters) with a character tokenizer."""
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = write_char_tokenizer(tmp)
-        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=64)
-        tokenizer.save_pretrained(path)
+    tokenizer = char_tokenizer(64)
+    tokenizer.save_pretrained(path)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     config = CLIPConfig(
         text_config=dict(

@@ -41,17 +41,24 @@ def write_char_tokenizer(path: str | Path) -> Path:
     return path
 
 
+def char_tokenizer(max_length: int):
+    """A `CLIPTokenizer` over `write_char_tokenizer`'s vocabulary."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = write_char_tokenizer(tmp)
+        return CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+
+
 def build_tiny_sd(path: str | Path, sample_size: int = 8, seed: int = 0) -> Path:
     """Build and save a tiny SD pipeline directory (about 1M parameters)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = write_char_tokenizer(tmp)
-        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=32)
+    tokenizer = char_tokenizer(32)
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
