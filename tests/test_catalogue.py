@@ -147,3 +147,26 @@ def test_a_model_ranks_the_automatic_choices_by_its_noise_predictions(tiny_world
     ranked = list(entry.chosen["noise_distance"])
     assert entry.neighbours == ranked[:2] and entry.surrogates == ranked[:3]
     assert list(entry.chosen["noise_distance"].values()) == sorted(entry.chosen["noise_distance"].values())
+
+
+def test_a_prompt_set_from_any_catalogue_pairs_each_forget_prompt_with_a_surrogate_and_keeps_the_rest():
+    from cul.unlearning.prompts import catalogue_prompt_set
+
+    ps = catalogue_prompt_set(SD, "Spider-Man", forgotten_before=["Pikachu"], n_forget=12, seed=3)
+    words = ["spider-man", "spiderman", "spider man"]
+    assert ps.kind == "character" and ps.surrogates == ["superhero"] and len(ps.forget) == len(ps.mapped) == 12
+    for f, m in zip(ps.forget, ps.mapped):
+        said = next(w for w in words if w in f.lower())
+        assert m.lower() == f.lower().replace(said, "superhero")  # the same prompt, the surrogate in place
+    assert ps.neighbours == ["Batman", "Iron Man"]
+    assert {p for p in ps.retain["neighbour"]} and all("Batman" in p or "Iron Man" in p for p in ps.retain["neighbour"])
+    kept = ps.retain["neighbour"] + ps.retain["retained"]
+    assert not any("spider" in p.lower() or "pikachu" in p.lower() for p in kept)  # nothing forgotten among the kept
+    assert any("Van Gogh style" in p for p in ps.retain["retained"]) and "" in ps.retain["unrelated"]
+    assert len(ps.retain["forgotten"]) == len(ps.forgotten_mapped) == 8
+    for p, m in zip(ps.retain["forgotten"], ps.forgotten_mapped):
+        said = next(w for w in ("pikachu pokemon", "pikachu") if w in p.lower())
+        assert m.lower() == p.lower().replace(said, "cartoon mouse")
+    assert catalogue_prompt_set(SD, "Spider-Man", ["Pikachu"], n_forget=12, seed=3) == ps  # a function of its seed
+    with pytest.raises(ValueError, match="no surrogates"):
+        catalogue_prompt_set(SD, "Batman")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cul.catalogue import Catalogue
 from cul.world import (
     CONCEPTS,
     CONFUSABLES,
@@ -232,3 +233,67 @@ def rank_surrogates(
         ctx_c = model.encode_prompts([prompts[i % len(prompts)] for i in range(draws)])
         scores[cand] = float(((model.predict_noise(x, t, ctx_c) - target) ** 2).mean())
     return sorted(scores.items(), key=lambda kv: kv[1])
+
+
+def catalogue_prompt_set(
+    catalogue: Catalogue,
+    name: str,
+    forgotten_before: Sequence[str] = (),
+    n_forget: int = 64,
+    n_per_neighbour: int = 12,
+    n_per_retained: int = 4,
+    n_per_forgotten: int = 8,
+    seed: int = 0,
+) -> PromptSet:
+    """A request's prompt set from any catalogue (the world's compositional scenes aside).
+
+    Forget prompts are the catalogue's training templates of the concept's category, filled with
+    its name and synonyms; each mapped prompt is the same prompt with a surrogate in its place
+    (cycling through the entry's surrogates, DFR's re-steering pairs). Retain groups: the entry's
+    neighbours, every other concept, the unconditional prompt, and each earlier forgotten concept
+    (with `forgotten_mapped`: the same prompts with that concept's first surrogate). Other slots of
+    a template take random concepts that are neither forgotten nor the concept itself.
+    """
+    entry = catalogue.get(name)
+    if not entry.surrogates:
+        raise ValueError(
+            f"{name!r} has no surrogates in the catalogue {catalogue.name!r}: add some (`cul concept add`)"
+        )
+    gone = {name, *forgotten_before}
+    rng = np.random.default_rng(seed)
+    train = catalogue.templates.get("train", [])
+
+    def prompts(concept_name: str, words: Sequence[str], n: int, swap_in: Sequence[str] = ()) -> tuple[list, list]:
+        category = catalogue.get(concept_name).category
+        templates = [t for t in train if "{" + category + "}" in t] or ["{" + category + "}"]
+        out, swapped = [], []
+        for i in range(n):
+            t = templates[i % len(templates)]
+            others = {
+                c: [e.name for e in catalogue.of(c) if e.name not in gone] or [e.name for e in catalogue.of(c)]
+                for c in catalogue.categories()
+                if c != category
+            }
+            fills = {c: names[rng.integers(len(names))] for c, names in others.items()}
+            out.append(" ".join(t.format(**{**fills, category: words[int(rng.integers(len(words)))]}).split()))
+            if swap_in:
+                swapped.append(" ".join(t.format(**{**fills, category: swap_in[i % len(swap_in)]}).split()))
+        return out, swapped
+
+    forget, mapped = prompts(name, [entry.name, *entry.synonyms], n_forget, entry.surrogates)
+    neighbours = [n for n in entry.neighbours if n not in gone]
+    retain: dict[str, list[str]] = {"neighbour": [], "retained": [], "unrelated": [""], "forgotten": []}
+    for n in neighbours:
+        retain["neighbour"] += prompts(n, [n], n_per_neighbour)[0]
+    for other in catalogue.concepts:
+        if other.name not in gone and other.name not in neighbours:
+            retain["retained"] += prompts(other.name, [other.name], n_per_retained)[0]
+    forgotten_mapped: list[str] = []
+    for f in forgotten_before:
+        earlier = catalogue.get(f)
+        p, m = prompts(f, [f, *earlier.synonyms], n_per_forgotten, earlier.surrogates[:1] or [""])
+        retain["forgotten"] += p
+        forgotten_mapped += m
+    return PromptSet(
+        name, entry.category, forget, mapped, list(entry.surrogates), neighbours, retain, [], forgotten_mapped
+    )
