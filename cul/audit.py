@@ -22,6 +22,15 @@ def md_text(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
+def md_code(text: str) -> str:
+    """Catalogue text (a concept's name or wording, which `cul concept add` takes from a user) as
+    one inline code span: a fence longer than any backtick run inside, table pipes escaped."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def write_deletion_record(
     item, spec, metrics: dict, verdict, version: int, model_name: str, tags: dict, out: Path = AUDIT_DIR
 ) -> Path:
@@ -64,7 +73,7 @@ def write_deletion_record(
     (out / f"{item.id}.json").write_text(json.dumps(record, indent=1) + "\n")
 
     lines = [
-        f"# Deletion record {item.id}: forget `{item.concept}` ({item.kind})",
+        f"# Deletion record {item.id}: forget {md_code(item.concept)} ({md_text(item.kind)})",
         "",
         f"- Requested by {md_text(item.by or 'unknown')} at {item.at}"
         + (f": {md_text(item.note)}" if item.note else ""),
@@ -73,16 +82,16 @@ def write_deletion_record(
         f"recipe `{spec.recipe_name}` (`{recipe_hash(spec.recipe)}`)",
         f"- Reproduce: `git checkout <commit of this record> && dvc pull && dvc repro --single-item step@{spec.key}` "
         f"(model md5 `{tags.get('dvc_md5')}`)",
-        f"- Concepts forgotten by this version: {', '.join(metrics['forgotten'])}",
+        f"- Concepts forgotten by this version: {', '.join(md_code(c) for c in metrics['forgotten'])}",
         "",
         "| evidence | this version | base model |",
         "|---|---|---|",
-        f"| UA on `{item.concept}` | {pct(metrics['ua'], unit='%')} | {pct(base.get('ua'), unit='%')} |",
+        f"| UA on {md_code(item.concept)} | {pct(metrics['ua'], unit='%')} | {pct(base.get('ua'), unit='%')} |",
     ]
     for word, ua in (metrics.get("paraphrase_ua") or {}).items():
-        lines.append(f"| UA when named `{word}` | {pct(ua, unit='%')} | |")
+        lines.append(f"| UA when named {md_code(word)} | {pct(ua, unit='%')} | |")
     for c, ua in record["evidence"]["earlier_forgotten_ua"].items():
-        lines.append(f"| UA on earlier forgotten `{c}` | {pct(ua, unit='%')} | |")
+        lines.append(f"| UA on earlier forgotten {md_code(c)} | {pct(ua, unit='%')} | |")
     lines += [
         f"| RA-I (same kind) | {pct(metrics['ra_in'], unit='%')} | {pct(base.get('ra_in'), unit='%')} |",
         f"| RA-C (other kinds) | {pct(metrics['ra_cross'], unit='%')} | {pct(base.get('ra_cross'), unit='%')} |",

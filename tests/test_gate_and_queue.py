@@ -4,6 +4,7 @@ specs and deletion records. No servers, no models: each runs in milliseconds."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -175,3 +176,17 @@ def test_deletion_record_links_request_version_and_evidence(tmp_path):
     text = md.read_text()
     assert "GDPR art. 17" in text and "UA when named `scarlet`" in text and "dvc repro --single-item step@s02" in text
     assert record["recipe"]["name"] == "dfr" and record["recipe"]["config"]["method"] == "dfr"
+
+
+@pytest.mark.parametrize("name", ["x` | [forged](http://evil) |", "``a`b``", "| RA-I | 100% |"])
+def test_catalogue_text_in_a_record_stays_one_code_span(name):
+    """Concept names and wordings come from `cul concept add`, so from a user: in a record each is
+    one code span that cannot close early, add a link or split a table row."""
+    from cul.audit import md_code
+
+    span = md_code(name)
+    fence = re.match(r"`+", span).group(0)
+    inner = span[len(fence) : -len(fence)]
+    assert span.endswith(fence) and fence not in inner  # nothing inside closes the span
+    assert "|" not in inner.replace("\\|", "")  # every pipe escaped: the table row keeps its cells
+    assert inner.strip().replace("\\|", "|") == " ".join(name.split())
