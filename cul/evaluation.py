@@ -18,9 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import linalg
 
+from cul.catalogue import Catalogue
 from cul.judge import KINDS, Judge, labels, to_tensor
 from cul.models.diffusion import DiffusionModel
-from cul.world import CONCEPTS, CONFUSABLES, Kind, Scene, World, all_scenes, caption, concept
+from cul.world import CATALOGUE, CONCEPTS, CONFUSABLES, Kind, Scene, World, all_scenes, caption, concept
 
 
 def _gaussian_fits(a: np.ndarray, b: np.ndarray):
@@ -132,22 +133,24 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def retention(per_concept: dict[str, float], forgotten: Sequence[str]) -> dict[str, float | None]:
+def retention(
+    per_concept: dict[str, float], forgotten: Sequence[str], catalogue: Catalogue = CATALOGUE
+) -> dict[str, float | None]:
     """RA-I, RA-C and RA-N from per-concept scores, with every concept in `forgotten` gone.
 
-    - RA-I: for each forgotten concept, the mean score of the retained concepts of its kind
+    - RA-I: for each forgotten concept, the mean score of the retained concepts of its category
       (in-domain), averaged over the forgotten concepts;
-    - RA-C: the same over the retained concepts of the other kinds (cross-domain);
-    - RA-N: the mean score of the forgotten concepts' retained confusables (neighbours).
+    - RA-C: the same over the retained concepts of the other categories (cross-domain);
+    - RA-N: the mean score of the forgotten concepts' retained neighbours (their confusables).
     """
     gone = set(forgotten)
     kept = {n: v for n, v in per_concept.items() if n not in gone}
+    category = {c.name: c.category for c in catalogue.concepts}
     ra_in, ra_cross = [], []
     for f in forgotten:
-        kind = concept(f).kind
-        ra_in.append(_mean([v for n, v in kept.items() if concept(n).kind == kind]))
-        ra_cross.append(_mean([v for n, v in kept.items() if concept(n).kind != kind]))
-    neighbours = sorted({n for f in forgotten for n in CONFUSABLES[f] if n in kept})
+        ra_in.append(_mean([v for n, v in kept.items() if category[n] == category[f]]))
+        ra_cross.append(_mean([v for n, v in kept.items() if category[n] != category[f]]))
+    neighbours = sorted({n for f in forgotten for n in catalogue.get(f).neighbours if n in kept})
     return {
         "ra_in": _mean([x for x in ra_in if x is not None]),
         "ra_cross": _mean([x for x in ra_cross if x is not None]),

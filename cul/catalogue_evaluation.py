@@ -1,0 +1,116 @@
+"""Unlearning metrics over any catalogue, with any judge that answers per category.
+
+For each concept, `images_per_concept` prompts (the catalogue's templates of its category; other
+slots take concepts that are neither forgotten nor it) are drawn with fixed seeds, and the judge
+(`cul.judge.Judge` for the world, `cul.clip_judge.ClipJudge` for any catalogue) names, per
+category, the concept each image shows. A concept's score is the share of its images judged as it,
+so UA = 1 - the forgotten concepts' mean score, and RA-I, RA-C, RA-N are
+`cul.evaluation.retention` over the catalogue's categories and neighbours.
+
+FD needs a reference distribution. A Stable Diffusion team has no real images of its model's
+distribution, so the reference is the base model itself, drawn with another seed: `fd` is the
+Frechet distance (judge features) between the model's images of the retained concepts and the
+base model's images of the same prompts under a second seed, and the base model's own `fd` (its
+two draws against each other) is the floor, so `fd_ratio` reads as in the world's evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cul.catalogue import Catalogue
+from cul.evaluation import Figures, StepMetrics, _mean, frechet_distance, retention
+
+
+class CatalogueEvaluator:
+    """Fixed prompts and seeds per concept: two evaluations of the same weights agree exactly.
+
+    Args:
+        catalogue: the concepts to score.
+        judge: anything with `predict(images) -> {category: index in catalogue.of(category)}` and
+            `embed(images) -> features`.
+        images_per_concept: images drawn per concept.
+        seed: sampling seed; the FD reference is drawn with `seed + 1`.
+        steps: DDIM steps (None: the model's own).
+    """
+
+    def __init__(
+        self, catalogue: Catalogue, judge, images_per_concept: int = 8, seed: int = 1234, steps: int | None = None
+    ) -> None:
+        self.catalogue = catalogue
+        self.judge = judge
+        self.images_per_concept = images_per_concept
+        self.seed = seed
+        self.steps = steps
+        self.base = None
+
+    def prompts(self, forgotten: list[str]) -> list[tuple[str, str]]:
+        """(concept, prompt) pairs: `images_per_concept` per concept, cycling its templates."""
+        gone = set(forgotten)
+        train = self.catalogue.templates.get("train", [])
+        rng = np.random.default_rng(self.seed)
+        out = []
+        for entry in self.catalogue.concepts:
+            category = entry.category
+            templates = [t for t in train if "{" + category + "}" in t] or ["{" + category + "}"]
+            for i in range(self.images_per_concept):
+                fills = {}
+                for other in self.catalogue.categories():
+                    if other != category:
+                        names = [e.name for e in self.catalogue.of(other) if e.name not in gone] or [
+                            e.name for e in self.catalogue.of(other)
+                        ]
+                        fills[other] = names[int(rng.integers(len(names)))]
+                prompt = templates[i % len(templates)].format(**{**fills, category: entry.name})
+                out.append((entry.name, " ".join(prompt.split())))
+        return out
+
+    def set_base(self, base) -> None:
+        """The base model: the reference of FD and of the `base` figures."""
+        self.base = base
+
+    def _judge(self, model, prompts: list[str], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        with torch.no_grad():
+            images = model.sample(prompts, seed=seed, steps=self.steps)
+        return self.judge.predict(images), self.judge.embed(images)
+
+    def _figures(self, model, pairs, forgotten, reference) -> tuple[Figures, dict[str, float]]:
+        predictions, features = self._judge(model, [p for _, p in pairs], self.seed)
+        names = {c: [e.name for e in self.catalogue.of(c)] for c in self.catalogue.categories()}
+        judged = [
+            names[self.catalogue.get(c).category][predictions[self.catalogue.get(c).category][i]]
+            for i, (c, _) in enumerate(pairs)
+        ]
+        scores: dict[str, float] = {}
+        for entry in self.catalogue.concepts:
+            mine = [j == entry.name for j, (c, _) in zip(judged, pairs) if c == entry.name]
+            if mine:
+                scores[entry.name] = float(np.mean(mine))
+        kept = np.array([c not in forgotten for c, _ in pairs])
+        fd = frechet_distance(features[kept], reference[kept]) if kept.sum() >= 2 else None
+        retained = [v for n, v in scores.items() if n not in forgotten]
+        figures = Figures(
+            ua=_mean([1 - scores[f] for f in forgotten if f in scores]),
+            **retention(scores, forgotten, self.catalogue),
+            ra_all=_mean(retained),
+            fd=fd,
+        )
+        return figures, scores
+
+    def __call__(self, model, forgotten: list[str]) -> StepMetrics:
+        """The model's UA, RA-I, RA-C, RA-N, FD and per-concept scores, with the base model's."""
+        if self.base is None:
+            raise ValueError("call set_base(base_model) first: FD and the base figures need it")
+        pairs = self.prompts(forgotten)
+        _, reference = self._judge(self.base, [p for _, p in pairs], self.seed + 1)
+        figures, scores = self._figures(model, pairs, forgotten, reference)
+        base, _ = self._figures(self.base, pairs, forgotten, reference)
+        ratio = figures.fd / base.fd if figures.fd is not None and base.fd else None
+        return StepMetrics(
+            **figures.model_dump(),
+            per_concept=scores,
+            n_clean_images=int(sum(c not in forgotten for c, _ in pairs)),
+            fd_ratio=ratio,
+            base=base,
+        )
