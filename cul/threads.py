@@ -2,18 +2,15 @@
 
 torch runs each operator on a team of OpenMP threads that meet at a barrier when it ends. On a
 machine with two cores and two such processes of two threads each, a thread whose partner has been
-descheduled waits at every barrier until the scheduler hands the partner a core again, and a
-training step of a few seconds takes ten times longer (`scripts/bench_under_load.py` measures it).
-Two settings avoid it:
-
-- **as many threads as there are free cores**: the cores this process may use (its CPU affinity
-  and cgroup quota) minus what other processes used over the last interval, measured from the
-  kernel's CPU counters (psutil). A `ThreadGovernor` re-measures while a step runs (`tick()`, called
-  by the training and sampling loops, acts at most every `interval` seconds), so a job that starts
-  or ends beside a step changes its thread count within seconds;
-- **waiting threads sleep** (`OMP_WAIT_POLICY=PASSIVE`): a waiting thread yields its core instead
-  of spinning on it. OpenMP reads it once, when torch loads, so `cul/__init__.py` sets it before
-  anything imports torch, unless the environment already says otherwise.
+descheduled waits at every barrier until the scheduler hands the partner a core again: a training
+step took 4.4x longer beside such a job (`scripts/bench_under_load.py`, "Under load" in the
+benchmark report). So a process uses **as many threads as there are free cores**: the cores it may
+use (its CPU affinity and cgroup quota) minus what other processes used over the last interval,
+measured from the kernel's CPU counters (psutil). A `ThreadGovernor` re-measures while a step runs
+(`tick()`, called by the training and sampling loops, acts at most every `interval` seconds), so a
+job that starts or ends beside a step changes its thread count within seconds; the same step then
+slowed 2.3x. OpenMP's passive wait (`OMP_WAIT_POLICY=PASSIVE`) was measured too and is not set: it
+made a step 1.5x slower with the machine to itself.
 
 An explicit `OMP_NUM_THREADS` in the environment, or a number in `compute.threads`, fixes the count
 and turns the measurement off: results then do not depend on what else the machine is doing
