@@ -16,7 +16,7 @@ mapping rule of LACU, DFR's successor), and the choice is written into the entry
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +153,8 @@ class Catalogue(BaseModel):
 
     def suggest(self, text: str, embed: Callable[[Sequence[str]], Any], k: int = 3) -> list[str]:
         """The `k` concept names nearest to `text` by text embedding (`embed`: texts -> [N, D])."""
-        import torch
-
         words = [(c.name, w) for c in self.concepts for w in (c.name, *c.synonyms)]
-        vectors = torch.nn.functional.normalize(embed([text] + [w for _, w in words]), dim=-1)
-        scores = (vectors[1:] @ vectors[0]).tolist()
+        scores = cosine_to(embed, text, [w for _, w in words])
         best: dict[str, float] = {}
         for (name, _), s in zip(words, scores):
             best[name] = max(best.get(name, -1.0), s)
@@ -169,8 +166,27 @@ class Catalogue(BaseModel):
         fillers = {cat: self.of(cat)[0].name for cat in self.categories()}
         out = []
         for template in (t for ts in self.templates.values() for t in ts if "{" + category + "}" in t):
-            out.append(" ".join(template.format(**{**fillers, category: word}).split()))
+            out.append(self.fill(template, {**fillers, category: word}))
         return list(dict.fromkeys(out))[:k] or [word]
+
+    def templates_for(self, category: str, use: str = "train") -> list[str]:
+        """The `use` templates with a slot for `category` (the bare slot if none has one)."""
+        return [t for t in self.templates.get(use, []) if "{" + category + "}" in t] or ["{" + category + "}"]
+
+    def slot_words(self, category: str, rng, avoid: Collection[str] = ()) -> dict[str, str]:
+        """A random concept for every slot but `category`'s, each outside `avoid` (any of its
+        category, if all are in it)."""
+        words = {}
+        for other in self.categories():
+            if other != category:
+                names = [e.name for e in self.of(other) if e.name not in avoid] or [e.name for e in self.of(other)]
+                words[other] = names[int(rng.integers(len(names)))]
+        return words
+
+    @staticmethod
+    def fill(template: str, words: dict[str, str]) -> str:
+        """A template with its slots filled, on one line."""
+        return " ".join(template.format(**words).split())
 
     def add(
         self,
@@ -199,10 +215,7 @@ class Catalogue(BaseModel):
             self.get(n)  # KeyError with the catalogue's name
         if not (entry.neighbours and entry.surrogates):
             same = [c.name for c in self.of(entry.category)] or [c.name for c in self.concepts]
-            import torch
-
-            vectors = torch.nn.functional.normalize(embed([entry.name, *same]), dim=-1)
-            text = dict(zip(same, (vectors[1:] @ vectors[0]).tolist()))
+            text = dict(zip(same, cosine_to(embed, entry.name, same)))
             candidates = sorted(same, key=lambda n: -text[n])[:pool]
             chosen: dict[str, Any] = {"rule": "nearest by text embedding (MiniLM, cosine)", "text_similarity": {}}
             chosen["text_similarity"] = {n: round(text[n], 4) for n in candidates}
@@ -242,3 +255,11 @@ def noise_distances(
             ctx = model.encode_prompts([theirs[i % len(theirs)] for i in range(draws)])
             out[cand] = float(((model.predict_noise(x, t, ctx) - target) ** 2).mean())
     return out
+
+
+def cosine_to(embed: Callable[[Sequence[str]], Any], query: str, texts: Sequence[str]) -> list[float]:
+    """Cosine similarity of each of `texts` to `query` under `embed` (texts -> [N, D])."""
+    import torch
+
+    vectors = torch.nn.functional.normalize(embed([query, *texts]), dim=-1)
+    return (vectors[1:] @ vectors[0]).tolist()

@@ -47,23 +47,13 @@ class CatalogueEvaluator:
 
     def prompts(self, forgotten: list[str]) -> list[tuple[str, str]]:
         """(concept, prompt) pairs: `images_per_concept` per concept, cycling its templates."""
-        gone = set(forgotten)
-        train = self.catalogue.templates.get("train", [])
         rng = np.random.default_rng(self.seed)
         out = []
         for entry in self.catalogue.concepts:
-            category = entry.category
-            templates = [t for t in train if "{" + category + "}" in t] or ["{" + category + "}"]
+            templates = self.catalogue.templates_for(entry.category)
             for i in range(self.images_per_concept):
-                fills = {}
-                for other in self.catalogue.categories():
-                    if other != category:
-                        names = [e.name for e in self.catalogue.of(other) if e.name not in gone] or [
-                            e.name for e in self.catalogue.of(other)
-                        ]
-                        fills[other] = names[int(rng.integers(len(names)))]
-                prompt = templates[i % len(templates)].format(**{**fills, category: entry.name})
-                out.append((entry.name, " ".join(prompt.split())))
+                words = {**self.catalogue.slot_words(entry.category, rng, forgotten), entry.category: entry.name}
+                out.append((entry.name, self.catalogue.fill(templates[i % len(templates)], words)))
         return out
 
     def set_base(self, base) -> None:

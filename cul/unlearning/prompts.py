@@ -261,23 +261,17 @@ def catalogue_prompt_set(
         )
     gone = {name, *forgotten_before}
     rng = np.random.default_rng(seed)
-    train = catalogue.templates.get("train", [])
 
     def prompts(concept_name: str, words: Sequence[str], n: int, swap_in: Sequence[str] = ()) -> tuple[list, list]:
         category = catalogue.get(concept_name).category
-        templates = [t for t in train if "{" + category + "}" in t] or ["{" + category + "}"]
+        templates = catalogue.templates_for(category)
         out, swapped = [], []
         for i in range(n):
             t = templates[i % len(templates)]
-            others = {
-                c: [e.name for e in catalogue.of(c) if e.name not in gone] or [e.name for e in catalogue.of(c)]
-                for c in catalogue.categories()
-                if c != category
-            }
-            fills = {c: names[rng.integers(len(names))] for c, names in others.items()}
-            out.append(" ".join(t.format(**{**fills, category: words[int(rng.integers(len(words)))]}).split()))
+            others = catalogue.slot_words(category, rng, gone)
+            out.append(catalogue.fill(t, {**others, category: words[int(rng.integers(len(words)))]}))
             if swap_in:
-                swapped.append(" ".join(t.format(**{**fills, category: swap_in[i % len(swap_in)]}).split()))
+                swapped.append(catalogue.fill(t, {**others, category: swap_in[i % len(swap_in)]}))
         return out, swapped
 
     forget, mapped = prompts(name, [entry.name, *entry.synonyms], n_forget, entry.surrogates)
