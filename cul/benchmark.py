@@ -25,7 +25,7 @@ from cul.evaluation import Evaluator, weight_drift
 from cul.fmt import pct, times
 from cul.io.provenance import provenance
 from cul.unlearning.merging import ties_merge
-from cul.unlearning.preparation import merge_prompt_sets, prepare_step
+from cul.unlearning.preparation import merge_prompt_sets, prepare_catalogue_step, prepare_step
 from cul.unlearning.prompts import PromptSet, build_prompt_set
 from cul.unlearning.recipes import Recipe, recipe_hash
 from cul.unlearning.regularizers import trainable_names
@@ -95,8 +95,13 @@ def run_sequence(
     max_steps: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    catalogue=None,
 ) -> list[dict]:
-    """Process `requests` in order; write OUT/results.json after every step; resume if present."""
+    """Process `requests` in order; write OUT/results.json after every step; resume if present.
+    `catalogue` (a `Catalogue` other than the world's) builds each step's prompts from it."""
+    on_world = catalogue is None or catalogue.name == "world"
+    if not on_world and recipe.mode == "simultaneous":
+        raise BenchmarkError("simultaneous erasure is built on the world's scenes only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = _load_results(out, recipe, name, log)
@@ -131,7 +136,11 @@ def run_sequence(
         threads.reset_used()
         t0 = time.perf_counter()
         start = model if chained else base_model
-        ps = prepare_step(start, request, forgotten if chained else [], recipe, seed=k)
+        gone = forgotten if chained else []
+        if on_world:
+            ps = prepare_step(start, request, gone, recipe, seed=k)
+        else:
+            ps = prepare_catalogue_step(start, catalogue, request, gone, recipe, seed=k)
         train_set, step_recipe = ps, recipe
         if recipe.mode == "simultaneous":
             # context prompts must avoid every concept of the batch: rebuild each set knowing all of them

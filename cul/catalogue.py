@@ -245,8 +245,8 @@ def noise_distances(
     prompts = catalogue.prompts_for(name, category)
     gen = torch.Generator().manual_seed(0)
     draws = 4 * len(prompts)
-    x = torch.randn((draws, *model.latent_shape()), generator=gen)
-    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (draws,), generator=gen)
+    x = torch.randn((draws, *model.latent_shape()), generator=gen).to(model.device)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (draws,), generator=gen).to(model.device)
     with torch.no_grad():
         target = model.predict_noise(x, t, model.encode_prompts([prompts[i % len(prompts)] for i in range(draws)]))
         out = {}

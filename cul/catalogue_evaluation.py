@@ -33,16 +33,27 @@ class CatalogueEvaluator:
         images_per_concept: images drawn per concept.
         seed: sampling seed; the FD reference is drawn with `seed + 1`.
         steps: DDIM steps (None: the model's own).
+        batch_size: images sampled at once.
+        paraphrase_images: images per synonym or paraphrase in `paraphrase_ua`.
     """
 
     def __init__(
-        self, catalogue: Catalogue, judge, images_per_concept: int = 8, seed: int = 1234, steps: int | None = None
+        self,
+        catalogue: Catalogue,
+        judge,
+        images_per_concept: int = 8,
+        seed: int = 1234,
+        steps: int | None = None,
+        batch_size: int = 128,
+        paraphrase_images: int = 8,
     ) -> None:
         self.catalogue = catalogue
         self.judge = judge
         self.images_per_concept = images_per_concept
         self.seed = seed
         self.steps = steps
+        self.batch_size = batch_size
+        self.paraphrase_images = paraphrase_images
         self.base = None
 
     def prompts(self, forgotten: list[str]) -> list[tuple[str, str]]:
@@ -56,13 +67,17 @@ class CatalogueEvaluator:
                 out.append((entry.name, self.catalogue.fill(templates[i % len(templates)], words)))
         return out
 
+    @property
+    def has_base(self) -> bool:
+        return self.base is not None
+
     def set_base(self, base) -> None:
         """The base model: the reference of FD and of the `base` figures."""
         self.base = base
 
     def _judge(self, model, prompts: list[str], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         with torch.no_grad():
-            images = model.sample(prompts, seed=seed, steps=self.steps)
+            images = model.sample(prompts, seed=seed, steps=self.steps, batch_size=self.batch_size)
         return self.judge.predict(images), self.judge.embed(images)
 
     def _figures(self, model, pairs, forgotten, reference) -> tuple[Figures, dict[str, float]]:
@@ -87,6 +102,40 @@ class CatalogueEvaluator:
             fd=fd,
         )
         return figures, scores
+
+    def _filled(self, name: str, word: str, n: int, use: str, forgotten: list[str]) -> list[str]:
+        """`n` prompts of the `use` templates of `name`'s category with `word` in its slot."""
+        category = self.catalogue.get(name).category
+        templates = self.catalogue.templates_for(category, use)
+        rng = np.random.default_rng([self.seed, n])
+        out = []
+        for i in range(n):
+            words = {**self.catalogue.slot_words(category, rng, [*forgotten, name]), category: word}
+            out.append(self.catalogue.fill(templates[i % len(templates)], words))
+        return out
+
+    def paraphrase_ua(self, model, name: str, forgotten: list[str]) -> dict[str, float]:
+        """UA when the concept is named by each of its other words (synonyms, held-out
+        paraphrases) in the held-out templates: erasing the name alone is not erasing the concept."""
+        entry = self.catalogue.get(name)
+        index = [e.name for e in self.catalogue.of(entry.category)].index(name)
+        out = {}
+        for w, word in enumerate([*entry.synonyms, *entry.paraphrases]):
+            predictions, _ = self._judge(
+                model, self._filled(name, word, self.paraphrase_images, "held_out", forgotten), self.seed + 7 + w
+            )
+            out[word] = 1.0 - float(np.mean(predictions[entry.category] == index))
+        return out
+
+    def evidence_prompts(self, name: str, forgotten: list[str]) -> list[str]:
+        """Prompts for before/after grids: the concept in three training contexts and one held-out
+        wording, then up to three of its kept neighbours."""
+        entry = self.catalogue.get(name)
+        words = [*entry.paraphrases, *entry.synonyms][:1] or [name]
+        out = self._filled(name, name, 3, "train", forgotten) + self._filled(name, words[0], 1, "held_out", forgotten)
+        for n in [x for x in entry.neighbours if x not in forgotten][:3]:
+            out += self._filled(n, n, 1, "train", forgotten)
+        return out
 
     def __call__(self, model, forgotten: list[str]) -> StepMetrics:
         """The model's UA, RA-I, RA-C, RA-N, FD and per-concept scores, with the base model's."""

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cul import threads
+from cul import device, threads
 from cul.config import Params
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ def _params(path: Path) -> Params:
     except ParamsError as e:  # names the file and the bad key
         raise typer.BadParameter(str(e)) from e
     threads.configure(p.compute)
+    device.configure(p.device)
     return p
 
 
@@ -53,7 +54,7 @@ def _model(path: Path):
 
     try:
         return load_model(path)
-    except ModelLoadError as e:
+    except (ModelLoadError, device.DeviceError) as e:
         _fail(str(e))
 
 
@@ -64,6 +65,16 @@ def _judge(path: Path):
         return Judge.from_pretrained(path)
     except Exception as e:  # a missing or corrupt judge
         _fail(f"{path}: the judge cannot be loaded ({type(e).__name__}: {str(e)[:300]})")
+
+
+def _evaluator(p: Params, catalogue, spec, base):
+    """The step evaluation of `p`'s judge kind over `catalogue`, or a message."""
+    from cul.judges import JudgeError, step_evaluator
+
+    try:
+        return step_evaluator(p, catalogue, spec, base)
+    except JudgeError as e:
+        _fail(str(e))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -160,27 +171,28 @@ def evaluate(
     --forgotten, the unlearning metrics too."""
     from cul.data import load_reference
     from cul.evaluation import evaluate_model
+    from cul.judges import uses_world_scenes
     from cul.reports import write_base_report
 
     p = _params(params)
     model_dir = model or p.paths.base_model
-    j = _judge(p.paths.judge)
+    catalogue = p.pipeline.concept_catalogue()
     m = _model(model_dir)
-    if forgotten:
-        from cul.evaluation import Evaluator
+    if forgotten or not uses_world_scenes(catalogue, p.judge.kind):
         from cul.fmt import pct, times
-        from cul.world import resolve
 
-        names = [x.strip() for x in forgotten.split(",") if x.strip()]
-        unknown = [x for x in names if getattr(resolve(x), "name", None) != x]
+        words = [x.strip() for x in (forgotten or "").split(",") if x.strip()]
+        unknown = [x for x in words if catalogue.resolve(x) is None]
         if unknown:
-            raise typer.BadParameter(f"not concept names of this world: {', '.join(unknown)}")
-        evaluator = Evaluator(j, p.eval, p.world.size, p.world.eval_seed)
-        evaluator.set_base(_model(p.paths.base_model))
+            raise typer.BadParameter(f"not concepts of the catalogue {catalogue.name!r}: {', '.join(unknown)}")
+        names = [catalogue.resolve(x).name for x in words]  # type: ignore[union-attr]
+        evaluator = _evaluator(p, catalogue, p.eval, _model(p.paths.base_model))
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
         _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics.model_dump()})
-        t = Table(title=f"{model_dir}: forgotten {', '.join(names)}")
+        t = Table(
+            title=f"{model_dir}: forgotten {', '.join(names) or 'nothing'} ({catalogue.name}, {p.judge.kind} judge)"
+        )
         for col in ("UA", "RA-I", "RA-C", "RA-N", "FD / base"):
             t.add_column(col, justify="right")
         t.add_row(
@@ -193,6 +205,7 @@ def evaluate(
         console.print(t)
         console.print(f"-> {out}/metrics.json")
         return
+    j = _judge(p.paths.judge)
     if not (p.paths.world / "reference.npz").exists():
         world(params, None)
     out = out or p.paths.reports / "base"
@@ -237,6 +250,22 @@ def _embedded_prefect() -> None:
 
 
 def _ensure_base(p: Params, params: Path, quiet: bool) -> None:
+    """The world's data, base model, judge and base report (built if missing); for any other
+    catalogue, the team's own model and judge must be where params says."""
+    if (catalogue := p.pipeline.concept_catalogue()).name != "world":
+        from cul.judges import JudgeError, load_judge
+
+        for what, key, path in (("base model", "base_model", p.paths.base_model), ("judge", "judge", p.paths.judge)):
+            if not Path(path).is_dir():
+                _fail(
+                    f"no {what} at {path}: set paths.{key} in {params} to a local directory (README: Stable Diffusion)",
+                )
+        try:  # before any step trains: a judge that cannot load would only fail after training
+            load_judge(p.judge.kind, p.paths.judge, catalogue)
+        except JudgeError as e:
+            _fail(str(e))
+        _model(p.paths.base_model)
+        return
     world(params, None)
     if not (p.paths.base_model / "unet").exists():
         console.print("no committed base model: pretraining (hours on two CPU cores)")
@@ -269,12 +298,6 @@ def run(
             f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "
             "nothing. Wait for it to finish, or stop it, and run again.",
             BUSY,
-        )
-    if (catalogue := p.pipeline.concept_catalogue()).name != "world":
-        _fail(
-            f"requests of the catalogue {catalogue.name!r} can be queued, but the pipeline builds prompt sets and "
-            "judges images for the embedded world's catalogue only so far; set pipeline.catalogue to world to run.",
-            STOPPED,
         )
     _ensure_base(p, params, quiet)
     queue = RequestQueue(p.pipeline.requests_file)
@@ -499,6 +522,7 @@ def bench(
     (resumable: a rerun continues after the last finished step, with the same recipe only)."""
     from cul.benchmark import BenchmarkError, load_sequence, run_sequence, sequence_concepts
     from cul.evaluation import Evaluator
+    from cul.judges import uses_world_scenes
     from cul.plots import metric_curves
     from cul.unlearning.recipes import RecipeError, load_recipe
 
@@ -511,16 +535,20 @@ def bench(
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     out = out or p.paths.reports / "benchmark" / name
     base = _model(model or p.paths.base_model)
-    # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
-    evaluator = Evaluator(
-        _judge(p.paths.judge),
-        eval_spec,
-        p.world.size,
-        p.world.eval_seed,
-        fd_exclude=sequence_concepts(requests),
-    )
-    # the base model's verdict is the same for every method: judge it once per evaluation setting
-    evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
+    catalogue = p.pipeline.concept_catalogue()
+    if uses_world_scenes(catalogue, p.judge.kind):
+        # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
+        evaluator = Evaluator(
+            _judge(p.paths.judge),
+            eval_spec,
+            p.world.size,
+            p.world.eval_seed,
+            fd_exclude=sequence_concepts(requests),
+        )
+        # the base model's verdict is the same for every method: judge it once per evaluation setting
+        evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
+    else:
+        evaluator = _evaluator(p, catalogue, eval_spec, base)
     try:
         results = run_sequence(
             base,
@@ -532,6 +560,7 @@ def bench(
             max_steps=max_steps,
             progress=not quiet,
             log=console.print,
+            catalogue=catalogue,
         )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e

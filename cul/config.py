@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cul.catalogue import Catalogue, CatalogueError
+from cul.device import DeviceSettings
 from cul.evaluation import EvalSpec
 from cul.gate import EscalationPolicy, GateConfig
 from cul.io.tracking import TrackingSettings
@@ -116,6 +117,16 @@ class Params(BaseModel):
     paths: PathsConfig = PathsConfig()
     pipeline: PipelineSettings = PipelineSettings()
     compute: ComputeSettings = ComputeSettings()  # CPU threads: the free cores, measured (cul/threads.py)
+    device: DeviceSettings = DeviceSettings()  # where models run, precision, checkpointing (cul/device.py)
+
+    @model_validator(mode="after")
+    def _judge_knows_the_catalogue(self) -> Params:
+        if self.judge.kind == "world" and self.pipeline.concept_catalogue().name != "world":
+            raise ValueError(
+                f"judge.kind world (the world's CNN) cannot judge the catalogue {self.pipeline.catalogue!r}: "
+                "set judge.kind to clip or vlm and paths.judge to a local model directory"
+            )
+        return self
 
     def quick_profile(self) -> Params:
         """These settings with `pipeline.quick` applied (`cul run --quick`): the quick profile's

@@ -225,7 +225,8 @@ class EvalSpec(BaseModel):
     stride: int = Field(1, ge=1)  # evaluate on about 1/stride of the 512 scenes (see eval_scenes)
     batch_size: int = Field(128, ge=1)
     steps: int | None = Field(None, ge=1)  # DDIM steps of evaluation sampling (None: the model's own)
-    paraphrase_scenes: int = Field(16, ge=1)  # scenes per paraphrase in a step's paraphrase UA
+    paraphrase_scenes: int = Field(16, ge=1)  # images per paraphrase in a step's paraphrase UA
+    images_per_concept: int = Field(8, ge=1)  # a catalogue evaluation's images of each concept (not the world's)
     fd_images: int = Field(200, ge=2)  # size of the benchmark's fixed FD set (see fd_scenes)
 
 
@@ -288,6 +289,14 @@ class Evaluator:
             return None
         images = generate_scenes(model, self.fd_scenes, self.spec.seed + 1, self.spec.batch_size, steps=self.spec.steps)
         return frechet_distance(self.judge.embed(images), self.fd_real_features)
+
+    def paraphrase_ua(self, model, name: str, forgotten: list[str]) -> dict[str, float]:
+        """`paraphrase_ua` with this evaluation's judge and seeds."""
+        spec = self.spec
+        return paraphrase_ua(model, self.judge, name, forgotten, spec.seed, spec.paraphrase_scenes, spec.steps)
+
+    def evidence_prompts(self, name: str, forgotten: list[str]) -> list[str]:
+        return evidence_prompts(name, forgotten)
 
     def judge_model(self, model) -> Judgement:
         images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size, steps=self.spec.steps)

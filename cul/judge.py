@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -26,8 +26,15 @@ KINDS: tuple[Kind, ...] = (Kind.OBJECT, Kind.COLOUR, Kind.TEXTURE)
 
 
 class JudgeConfig(BaseModel):
+    """Which judge scores a step (`kind`, loaded from `paths.judge`), and how `cul judge` trains
+    the world's own (the other fields)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    #: world: this CNN, trained by `cul judge` on the world's renderer; clip: a local CLIP directory
+    #: judging zero-shot over the active catalogue (`cul.clip_judge`); vlm: a local vision-language
+    #: model asked a yes/no question per concept (`cul.vlm_judge`).
+    kind: Literal["world", "clip", "vlm"] = "world"
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = 2e-3

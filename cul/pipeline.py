@@ -190,6 +190,7 @@ def process_request(
         parent=parent,
         parent_version=parent_version,
         forgotten=forgotten,
+        catalogue=pl.catalogue,
         recipe_name=name,
         recipe=recipe,
         eval=params.eval.model_copy(update={"stride": pl.eval_stride}),

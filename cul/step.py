@@ -35,6 +35,7 @@ class StepSpec(BaseModel):
     parent: str  # model folder: models/base or models/steps/<earlier key>
     parent_version: int | None = None  # registered version of the parent (None: the base model)
     forgotten: list[str] = []  # forgotten by the parent, in order
+    catalogue: str = "world"  # the concept catalogue the request was resolved in (catalogues/NAME.yaml)
     recipe_name: str = "dfr"  # the production method or experiment the recipe came from
     recipe: Recipe = Field(default_factory=DFRRecipe)  # after escalation
     attempt: int = 0
@@ -96,14 +97,19 @@ def _base_if_needed(spec: StepSpec, params: Params):
 def prepare_data(spec: StepSpec, params: Params, out_data: Path | None = None) -> Path:
     """Data preparation of a step: its prompt set and teacher samples from the parent model (the
     same for every attempt of a request, so retries reuse them)."""
+    from cul.catalogue import Catalogue
     from cul.models import load_model
     from cul.unlearning.batches import replay_sources
-    from cul.unlearning.preparation import prepare_step
+    from cul.unlearning.preparation import prepare_catalogue_step, prepare_step
     from cul.unlearning.trainer import keep_teacher
 
     out_data = Path(out_data or spec.data_dir)
     parent = load_model(spec.parent)
-    ps = prepare_step(parent, spec.request, spec.forgotten, spec.recipe, seed=spec.seed)
+    catalogue = Catalogue.load(spec.catalogue)
+    if catalogue.name == "world":  # the world's compositional scenes
+        ps = prepare_step(parent, spec.request, spec.forgotten, spec.recipe, seed=spec.seed)
+    else:
+        ps = prepare_catalogue_step(parent, catalogue, spec.request, spec.forgotten, spec.recipe, seed=spec.seed)
     ps.save(out_data / "prompts.json")
     recipe = spec.train_recipe()
     t0 = time.perf_counter()
@@ -133,9 +139,10 @@ def train_and_evaluate(
     model, and write metrics.json (with the recipe and commit that made it) and a before/after grid.
     The parent and the base model are each loaded once."""
 
-    from cul.evaluation import Evaluator, evidence_prompts, paraphrase_ua, weight_drift
+    from cul.catalogue import Catalogue
+    from cul.evaluation import weight_drift
     from cul.io.provenance import provenance
-    from cul.judge import Judge
+    from cul.judges import step_evaluator
     from cul.models import load_model
     from cul.plots import before_after
     from cul.unlearning.prompts import PromptSet
@@ -161,15 +168,12 @@ def train_and_evaluate(
     result.student.save_pretrained(out_model)
 
     t1 = time.perf_counter()
-    judge = Judge.from_pretrained(params.paths.judge)
-    evaluator = Evaluator(judge, spec.eval, params.world.size, params.world.eval_seed)
-    evaluator.set_base(base, cache=params.paths.reports / "base" / f"eval-stride{spec.eval.stride}.npz")
+    cache = params.paths.reports / "base" / f"eval-stride{spec.eval.stride}.npz"
+    evaluator = step_evaluator(params, Catalogue.load(spec.catalogue), spec.eval, base, cache)
     forgotten = spec.forgotten + [ps.concept]
     m = evaluator(result.student, forgotten)
-    paraphrases = paraphrase_ua(
-        result.student, judge, ps.concept, spec.forgotten, spec.eval.seed, spec.eval.paraphrase_scenes, spec.eval.steps
-    )
-    prompts = evidence_prompts(ps.concept, spec.forgotten)
+    paraphrases = evaluator.paraphrase_ua(result.student, ps.concept, spec.forgotten)
+    prompts = evaluator.evidence_prompts(ps.concept, spec.forgotten)
     before = parent.sample(prompts, seed=spec.eval.seed, steps=spec.eval.steps)
     after = result.student.sample(prompts, seed=spec.eval.seed, steps=spec.eval.steps)
     out_report.mkdir(parents=True, exist_ok=True)

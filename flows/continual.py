@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from cul import threads
+from cul import device, threads
 from cul.config import Params
 from cul.io.locks import LineageLock
 from cul.io.tracking import Tracker, TrackingSettings
@@ -30,6 +30,7 @@ def load_params(params_path: str, quick: bool) -> Params:
     """params.yaml, with the quick profile applied when asked."""
     p = Params.load(params_path)
     threads.configure(p.compute)
+    device.configure(p.device)
     return p.quick_profile() if quick else p
 
 
@@ -137,7 +138,8 @@ def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit:
 
 
 def _continual(params: Params, params_path: str, quick: bool, limit: int | None) -> list[dict]:
-    prepare_world(params.world.size, params.world.seed, params.world.eval_seed, str(params.paths.world))
+    if params.pipeline.concept_catalogue().name == "world":
+        prepare_world(params.world.size, params.world.seed, params.world.eval_seed, str(params.paths.world))
     queue = RequestQueue(params.pipeline.requests_file)
     recover_stranded(queue, Tracker(params.pipeline.tracking), log=get_run_logger().warning)
     pending = queue.pending()[: limit or None]

@@ -98,11 +98,12 @@ def test_a_catalogue_that_contradicts_itself_is_refused_when_read(tmp_path, chan
         Catalogue.load(tmp_path / "bad.yaml")
 
 
-def _project(tmp_path, catalogue: str):
+def _project(tmp_path, catalogue: str, judge: str = "clip"):
     """params.yaml with `catalogue` active, and a copy of the SD catalogue to add to."""
     shutil.copy(CATALOGUES / "sd-dfr10.yaml", tmp_path / "sd.yaml")
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["pipeline"].update(catalogue=catalogue, requests_file=str(tmp_path / "queue.yaml"))
+    p["judge"]["kind"] = judge
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     return str(tmp_path / "params.yaml")
 
@@ -113,8 +114,11 @@ def test_cul_request_add_takes_free_text_of_the_active_catalogue(tmp_path):
     assert ok.exit_code == 0 and "forget Van Gogh style (style) ('van gogh' names it)" in " ".join(ok.output.split())
     refused = runner.invoke(app, ["request", "add", "Garfield", "--params", params])
     assert refused.exit_code == 1 and "Nearest:" in refused.output
-    run = runner.invoke(app, ["run", "--params", params])
-    assert run.exit_code == 4 and "world's catalogue only" in " ".join(run.output.split())
+    missing = runner.invoke(app, ["run", "--params", params])  # paths.judge is the world's CNN folder
+    assert missing.exit_code == 1 and "cannot load a CLIP judge" in " ".join(missing.output.split())
+    world_judge = _project(tmp_path, str(tmp_path / "sd.yaml"), judge="world")
+    refused = runner.invoke(app, ["run", "--params", world_judge])
+    assert refused.exit_code == 2 and "judge.kind world" in " ".join(refused.output.split())
 
 
 def test_cul_concept_add_chooses_neighbours_and_surrogates_and_writes_them_for_review(tmp_path):

@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from cul import threads
+from cul.device import autocast, place
 from cul.text import MINILM, TextEncoder
 
 MODEL_FILE = "cul_model.json"
@@ -162,19 +163,20 @@ class DiffusionModel:
             step_gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             for t in ddim.timesteps:
                 threads.tick()
-                if uncond is not None:
-                    eps = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond]))
-                    e_u, e_c = eps.chunk(2)
-                    eps = e_u + guidance * (e_c - e_u)
-                else:
-                    eps = self.predict_noise(x, t, cond)
+                with autocast():
+                    if uncond is not None:
+                        eps = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).float()
+                        e_u, e_c = eps.chunk(2)
+                        eps = e_u + guidance * (e_c - e_u)
+                    else:
+                        eps = self.predict_noise(x, t, cond).float()
                 x = ddim.step(eps, t, x, eta=eta, generator=step_gen).prev_sample
             outs.append(x)
         return torch.cat(outs)
 
     def sample(self, prompts: Sequence[str], seed: int = 0, **kw) -> torch.Tensor:
-        """Images in [0, 1], NCHW."""
-        return self.to_images(self.sample_latents(prompts, seed=seed, **kw))
+        """Images in [0, 1], NCHW, on the CPU (fp32) wherever the model runs."""
+        return self.to_images(self.sample_latents(prompts, seed=seed, **kw)).float().cpu()
 
     def copy(self) -> DiffusionModel:
         """A deep copy of the trainable part (the UNet); the frozen encoder is shared."""
@@ -297,8 +299,11 @@ def load_model(path: str | Path) -> DiffusionModel:
     if kind != WorldDiffusion.kind and kind != StableDiffusion.kind and not (path / "model_index.json").exists():
         raise ModelLoadError(f"{path} is neither a cul world model nor a Stable Diffusion pipeline directory")
     try:
-        if kind == WorldDiffusion.kind:
-            return WorldDiffusion.from_pretrained(path)
-        return StableDiffusion.from_pretrained(path)
+        model = (
+            WorldDiffusion.from_pretrained(path)
+            if kind == WorldDiffusion.kind
+            else StableDiffusion.from_pretrained(path)
+        )
     except Exception as e:  # safetensors, diffusers and torch each raise their own kind
         raise ModelLoadError(f"{path}: the weights cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from e
+    return place(model)

@@ -8,7 +8,8 @@ draws for it: the candidate closest to it in the same sense.
 
 from __future__ import annotations
 
-from cul.unlearning.prompts import PromptSet, build_prompt_set, rank_surrogates
+from cul.catalogue import Catalogue, noise_distances
+from cul.unlearning.prompts import PromptSet, build_prompt_set, catalogue_prompt_set, rank_surrogates
 from cul.unlearning.recipes import Recipe
 from cul.unlearning.request import Request, resolve_request
 from cul.world import CONCEPTS, CONFUSABLES, concept
@@ -38,6 +39,24 @@ def prepare_step(model, request: Request, forgotten: list[str], recipe: Recipe, 
         earlier = {f: choose_surrogates(model, f, gone, [], 1, recipe.surrogate_neighbours)[0] for f in forgotten}
     return build_prompt_set(
         r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed, forgotten_surrogates=earlier
+    )
+
+
+def prepare_catalogue_step(
+    model, catalogue: Catalogue, request: Request, forgotten: list[str], recipe: Recipe, seed: int
+) -> PromptSet:
+    """The prompt set of `request` on any catalogue: surrogates are the request's hints, then the
+    entry's candidates, ranked by noise-prediction distance under `model` (theta_{k-1}), the first
+    `recipe.n_surrogates` kept; the request's extra retain concepts join the neighbours."""
+    r = resolve_request(request, forgotten, catalogue=catalogue)
+    entry = catalogue.get(r.concept)
+    candidates = [s for s in entry.surrogates if s not in forgotten and s not in r.surrogates]
+    if len(candidates) > 1:
+        distance = noise_distances(model, catalogue, r.concept, entry.category, candidates)
+        candidates.sort(key=lambda s: distance[s])
+    surrogates = (r.surrogates + candidates)[: recipe.n_surrogates]
+    return catalogue_prompt_set(
+        catalogue, r.concept, forgotten, seed=seed, surrogates=surrogates, extra_retain=r.retain
     )
 
 

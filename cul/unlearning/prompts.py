@@ -244,6 +244,8 @@ def catalogue_prompt_set(
     n_per_retained: int = 4,
     n_per_forgotten: int = 8,
     seed: int = 0,
+    surrogates: Sequence[str] | None = None,
+    extra_retain: Sequence[str] = (),
 ) -> PromptSet:
     """A request's prompt set from any catalogue (the world's compositional scenes aside).
 
@@ -253,9 +255,11 @@ def catalogue_prompt_set(
     neighbours, every other concept, the unconditional prompt, and each earlier forgotten concept
     (with `forgotten_mapped`: the same prompts with that concept's first surrogate). Other slots of
     a template take random concepts that are neither forgotten nor the concept itself.
+    `surrogates` (default: the entry's) and `extra_retain` (more neighbours) come from the request.
     """
     entry = catalogue.get(name)
-    if not entry.surrogates:
+    surrogates = list(entry.surrogates if surrogates is None else surrogates)
+    if not surrogates:
         raise ValueError(
             f"{name!r} has no surrogates in the catalogue {catalogue.name!r}: add some (`cul concept add`)"
         )
@@ -274,8 +278,8 @@ def catalogue_prompt_set(
                 swapped.append(catalogue.fill(t, {**others, category: swap_in[i % len(swap_in)]}))
         return out, swapped
 
-    forget, mapped = prompts(name, [entry.name, *entry.synonyms], n_forget, entry.surrogates)
-    neighbours = [n for n in entry.neighbours if n not in gone]
+    forget, mapped = prompts(name, [entry.name, *entry.synonyms], n_forget, surrogates)
+    neighbours = [n for n in dict.fromkeys([*entry.neighbours, *extra_retain]) if n not in gone]
     retain: dict[str, list[str]] = {"neighbour": [], "retained": [], "unrelated": [""], "forgotten": []}
     for n in neighbours:
         retain["neighbour"] += prompts(n, [n], n_per_neighbour)[0]
@@ -288,6 +292,4 @@ def catalogue_prompt_set(
         p, m = prompts(f, [f, *earlier.synonyms], n_per_forgotten, earlier.surrogates[:1] or [""])
         retain["forgotten"] += p
         forgotten_mapped += m
-    return PromptSet(
-        name, entry.category, forget, mapped, list(entry.surrogates), neighbours, retain, [], forgotten_mapped
-    )
+    return PromptSet(name, entry.category, forget, mapped, surrogates, neighbours, retain, [], forgotten_mapped)

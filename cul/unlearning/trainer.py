@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from cul import threads
+from cul import device, threads
 from cul.unlearning.batches import Batches, Source, check_prompts, replay_sources
 from cul.unlearning.objectives import OBJECTIVES
 from cul.unlearning.prompts import PromptSet
@@ -132,25 +132,29 @@ def unlearn(
     )
     weights = {**objective.weights, "l2sp": addons.l2sp, "l1sp": addons.l1sp}
 
+    scaler = device.grad_scaler()  # fp16's loss scaling; a pass-through otherwise
     history = []
     for step in tqdm(range(recipe.steps), desc=f"{recipe.method}: forget {prompts.concept}", disable=not progress):
         threads.tick()
-        terms = objective.losses(student, batches, gen)
+        with device.autocast():
+            terms = objective.losses(student, batches, gen)
         if addons.l2sp:
             terms["l2sp"] = reference.l2_mean()
         if addons.l1sp:
             terms["l1sp"] = reference.l1_mean()
-        weighted = [weights[name] * value for name, value in terms.items()]
+        weighted = [weights[name] * value.float() for name, value in terms.items()]
         loss = sum(weighted[1:], weighted[0])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         if projector is not None:
             projector.project()
         if mask is not None:
             mask.mask_gradients()
         if recipe.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], recipe.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         if sched is not None:
             sched.step()
         if mask is not None:

@@ -7,6 +7,7 @@ import torch
 
 def noised(model, x0: torch.Tensor, gen: torch.Generator, t_max: int | None = None):
     """(x_t, t, noise) for x0 at timesteps drawn uniformly below `t_max` (default: all of them)."""
+    x0 = x0.to(model.device)
     n = x0.shape[0]
     high = t_max if t_max is not None else model.scheduler.config.num_train_timesteps
     t = torch.randint(0, high, (n,), generator=gen).to(x0.device)
