@@ -33,6 +33,7 @@ def test_params_yaml_is_production_only_and_short():
         "paths",
         "pipeline",
         "compute",
+        "device",
     }
 
 
