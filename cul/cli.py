@@ -186,7 +186,8 @@ def evaluate(
         if unknown:
             raise typer.BadParameter(f"not concepts of the catalogue {catalogue.name!r}: {', '.join(unknown)}")
         names = [catalogue.resolve(x).name for x in words]  # type: ignore[union-attr]
-        evaluator = _evaluator(p, catalogue, p.eval, _model(p.paths.base_model))
+        base = m if Path(model_dir) == Path(p.paths.base_model) else _model(p.paths.base_model)
+        evaluator = _evaluator(p, catalogue, p.eval, base)
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
         _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics.model_dump()})
