@@ -289,19 +289,19 @@ def run(
     flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
     remote of .dvc/config) and print what happened and where to look."""
     from cul.benchmark import load_sequence
-    from cul.io.locks import LineageLock, LockBusy
+    from cul.io.database import lineage_lock, open_queue
+    from cul.io.locks import LockBusy
     from cul.pipeline import PipelineError
-    from cul.queue import RequestQueue
 
     p = _params(params)
-    if not LineageLock(p.pipeline.tracking.registered_model).is_free():
+    if not lineage_lock(p.pipeline).is_free():
         _fail(
             f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "
             "nothing. Wait for it to finish, or stop it, and run again.",
             BUSY,
         )
     _ensure_base(p, params, quiet)
-    queue = RequestQueue(p.pipeline.requests_file)
+    queue = open_queue(p.pipeline)
     if not queue.items():
         todo = load_sequence(p.pipeline.default_requests)
         todo = todo[: p.pipeline.quick.requests] if quick else todo
@@ -391,12 +391,12 @@ def request_add(
     """Queue a deletion request (refused with a reason if invalid or a duplicate)."""
     from pydantic import ValidationError
 
-    from cul.queue import RequestQueue
+    from cul.io.database import open_queue
     from cul.unlearning.request import RequestError
 
     p = _params(params)
     try:
-        item = RequestQueue(p.pipeline.requests_file, p.pipeline.concept_catalogue()).add(concept, kind, note, by)
+        item = open_queue(p.pipeline, p.pipeline.concept_catalogue()).add(concept, kind, note, by)
     except RequestError as e:
         _fail(f"refused: {e}")
     except ValidationError as e:  # an empty concept, a kind that is not one
@@ -408,13 +408,14 @@ def request_add(
 @request_app.command("list")
 def request_list(params: Path = ParamsOpt) -> None:
     """Every request with its state."""
-    from cul.queue import RequestQueue
+    from cul.io.database import open_queue
 
     p = _params(params)
-    t = Table(title=str(p.pipeline.requests_file))
+    queue = open_queue(p.pipeline)
+    t = Table(title=str(queue.path))
     for col in ("id", "concept", "kind", "state", "by", "at", "note"):
         t.add_column(col)
-    for r in RequestQueue(p.pipeline.requests_file).items():
+    for r in queue.items():
         state = r.describe() + (f" ({'; '.join(r.reasons)[:80]})" if r.reasons else "")
         t.add_row(*(Text(x) for x in (r.id, r.concept, r.kind, state, r.by, r.at, r.note)))  # text, not markup
     console.print(t)
@@ -424,22 +425,22 @@ def request_list(params: Path = ParamsOpt) -> None:
 def request_retry(request_id: str, params: Path = ParamsOpt) -> None:
     """Send a request that waits for review back to the queue (after changing the gate, the method
     or the champion), or one a dead run left in progress: the next run tries it again."""
-    from cul.io.locks import LineageLock
-    from cul.queue import RequestQueue, State
+    from cul.io.database import lineage_lock, open_queue
+    from cul.queue import State
 
     p = _params(params)
-    queue = RequestQueue(p.pipeline.requests_file)
+    queue = open_queue(p.pipeline)
     try:
         item = queue.get(request_id)
     except KeyError as e:
         _fail(str(e.args[0]))
-    stranded = item.state == State.in_progress and LineageLock(p.pipeline.tracking.registered_model).is_free()
+    stranded = item.state == State.in_progress and lineage_lock(p.pipeline).is_free()
     if item.state != State.review and not stranded:
         _fail(
             f"{request_id} is {item.describe()}; only a request waiting for review, or one left in progress "
             "by a run that has ended, can be retried"
         )
-    queue.update(request_id, state=State.pending, reasons=[])
+    queue.update(request_id, state=State.pending, reasons=[], tries=0)
     console.print(f"{request_id} ({item.concept}) is pending again")
 
 
@@ -594,6 +595,53 @@ def report(
     metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
     console.print((out / "table.md").read_text())
     console.print(f"-> {out}/table.md, {out}/metrics.png")
+
+
+hooks_app = typer.Typer(help="Promotion in the MLflow UI starts the next request (a webhook).", no_args_is_help=True)
+app.add_typer(hooks_app, name="hooks")
+SECRET_ENV = "CUL_WEBHOOK_SECRET"
+
+
+def _secret() -> str:
+    import os
+
+    if not (secret := os.environ.get(SECRET_ENV, "")):
+        _fail(f"set {SECRET_ENV}: the webhook's shared secret (unsigned deliveries are refused)")
+    return secret
+
+
+@hooks_app.command("serve")
+def hooks_serve(
+    deployment: str = typer.Option("cul-continual/dispatch", help="FLOW/DEPLOYMENT started by a promotion."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(8090, help="Port to listen on."),
+    model: str | None = typer.Option(None, help="The registered model (default: params' pipeline.tracking)."),
+    params: Path = ParamsOpt,
+) -> None:
+    """Receive MLflow's alias webhook: a `champion` move of this lineage starts DEPLOYMENT."""
+    from flows.promotion import serve as serve_hook
+
+    model = model or _params(params).pipeline.tracking.registered_model
+    console.print(f"promotions of {model} start {deployment}; listening on {host}:{port} (POST /mlflow)")
+    serve_hook(model, deployment, _secret(), host, port)
+
+
+@hooks_app.command("install")
+def hooks_install(
+    url: str = typer.Argument(..., help="Where MLflow reaches `cul hooks serve`: http(s)://HOST:PORT/mlflow."),
+    params: Path = ParamsOpt,
+) -> None:
+    """Register (or replace) the MLflow webhook that tells `cul hooks serve` of alias moves."""
+    from mlflow.exceptions import MlflowException
+
+    from cul.io.tracking import Tracker
+
+    tracker = Tracker(_params(params).pipeline.tracking)
+    try:
+        hook = tracker.install_webhook(url, _secret())
+    except MlflowException as e:
+        _fail(f"MLflow refused the webhook: {e.message}")
+    console.print(f"webhook {hook} -> {url} on model_version_alias.created")
 
 
 concept_app = typer.Typer(help="The concept catalogue: what requests may name.", no_args_is_help=True)

@@ -7,6 +7,7 @@ is an error, never a silent fall-back to defaults."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +57,20 @@ class QuickProfile(BaseModel):
     max_attempts: int = Field(1, ge=1)
 
 
+class DispatchSettings(BaseModel):
+    """A team's pipeline: the continual flow (on a CPU pool) runs each request as a flow run of
+    the request deployment (on the GPU pool) and watches it. Needs `CUL_DATABASE_URL`: the queue
+    and the lineage lock every worker shares (`cul.io.database`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: str = "cul-request/gpu"  # FLOW/DEPLOYMENT of the request flow (prefect.yaml)
+    job_variables: dict[str, Any] = Field(default_factory=lambda: {"gpu_count": 1})  # for the GPU pool's job
+    poll_seconds: float = Field(5.0, gt=0)  # how often the dispatcher looks at a request's flow run
+    max_tries: int = Field(3, ge=1)  # flow runs of one request that may end without an outcome
+    lineage_wait_seconds: float = Field(6 * 3600, ge=0)  # how long a request run waits for the lineage
+
+
 class PipelineSettings(BaseModel):
     """The flows: which method, the gate, retries, where tracking and versions go."""
 
@@ -75,6 +90,7 @@ class PipelineSettings(BaseModel):
     git_commit: bool = True  # commit each accepted step's records (spec, lock, metrics)
     quick: QuickProfile = QuickProfile()
     cron: str = "0 2 * * *"  # the scheduled deployment of the continual flow
+    dispatch: DispatchSettings | None = None  # None: each request runs in the continual flow's process
 
     @field_validator("catalogue")
     @classmethod

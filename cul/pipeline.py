@@ -34,6 +34,9 @@ class PipelineError(RuntimeError):
     """The pipeline refuses or stops a request; the message says why and what state it left."""
 
 
+MAX_REDO = 3  # times a step is redone because a person moved `champion` while it ran
+
+
 def step_records(key: str, request_id: str) -> list[str]:
     """The files of a step that git keeps, and only those: the step's DVC revision commits them."""
     return [
@@ -54,6 +57,7 @@ class Queue(Protocol):
 
 class Tracker(Protocol):
     def champion(self): ...
+    def candidate(self): ...
     def fetch_weights(self, version: int, dest: Path) -> Path: ...
     def open_request(self, request_id: str, concept: str, tags: dict[str, str]) -> str: ...
     def open_attempt(self, parent_run_id: str, attempt: int, params: dict, tags: dict[str, str]) -> str: ...
@@ -71,6 +75,8 @@ class Versioner(Protocol):
     def record_step(self, key: str) -> str: ...
     def push(self, *targets: str) -> None: ...
     def commit(self, message: str, paths: list[str]) -> str: ...
+    def sync(self) -> str: ...
+    def publish(self) -> str: ...
 
 
 class Runner(Protocol):
@@ -131,6 +137,20 @@ def starting_point(tracker: Tracker, params: Params) -> tuple[str, int | None, l
     return str(model_dir), champ.version, champ.forgotten, previous
 
 
+def _version(info) -> int | None:
+    return info.version if info is not None else None
+
+
+def waiting_for_promotion(tracker: Tracker, params: Params) -> int | None:
+    """The candidate version a person has still to promote before the next request may start
+    (None when nothing waits): without auto-promotion, a step newer than the champion holds the
+    queue, since the next step must build on it and only a person makes it the champion."""
+    if params.pipeline.auto_promote:
+        return None
+    candidate, champion = _version(tracker.candidate()), _version(tracker.champion())
+    return candidate if candidate is not None and (champion is None or candidate > champion) else None
+
+
 def flat_recipe(recipe: RecipeBase) -> dict[str, Any]:
     """The recipe as flat MLflow params (`addons.l2sp`, ...)."""
     data = recipe.model_dump(mode="json")
@@ -164,9 +184,15 @@ def process_request(
     versioner: Versioner,
     runner: Runner,
     log: Callable[[str], None] = print,
+    holder: str = "",
+    redo: int = 0,
 ) -> RequestOutcome:
     """One deletion request: attempts with escalation until the gate accepts (then version,
-    register, record, commit) or the attempts run out (then review; the champion stays)."""
+    register, record, commit) or the attempts run out (then review; the champion stays).
+
+    A step registers only on the parent it started from: if `champion` moved while it ran, the
+    step is dropped and redone from the new champion (`redo` counts those). `holder` names what
+    processes it (a flow run id), for the dispatcher that watches it."""
     pl = params.pipeline
     item = queue.get(request_id)
     if pl.git_commit and (staged := versioner.staged()):
@@ -175,13 +201,15 @@ def process_request(
             "the pipeline commits its records and will not take them along. Commit or unstage them "
             "(`git restore --staged PATH`), then run again; nothing was done."
         )
+    if pl.git_commit:  # the steps others pushed: the key and the parent's records come from them
+        versioner.sync()
     parent, parent_version, forgotten, previous = starting_point(tracker, params)
     if item.concept in forgotten:
         queue.update(request_id, state=State.accepted, version=parent_version)
         log(f"{request_id}: {item.concept} is already forgotten by version {parent_version}; no-op")
         return RequestOutcome(request_id, item.concept, accepted=True, version=parent_version, noop=True)
 
-    queue.update(request_id, state=State.in_progress)
+    queue.update(request_id, state=State.in_progress, holder=holder)
     key = next_key(list(load_steps()))
     name, recipe = pl.recipe()
     base_spec = StepSpec(
@@ -237,6 +265,18 @@ def process_request(
             break
         failed = [c.name for c in verdict.checks if not c.passed]
 
+    if verdict.accepted and (now := _version(tracker.champion())) != parent_version:
+        for d in (spec.model_dir, spec.report_dir, spec.data_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        reason = f"its parent, version {parent_version}, stopped being champion during the step (now {now})"
+        tracker.set_outcome(run_id, "stale parent: redone")
+        tracker.close(run_id)
+        queue.update(request_id, state=State.pending, reasons=[f"redone: {reason}"])
+        if redo + 1 >= MAX_REDO:
+            raise PipelineError(f"{request_id}: {reason}, {MAX_REDO} times; it is pending, nothing registered")
+        log(f"{request_id}: {reason}; not registered, redone from version {now}")
+        return process_request(request_id, params, queue, tracker, versioner, runner, log, holder, redo + 1)
+
     if not verdict.accepted:
         queue.update(request_id, state=State.review, reasons=verdict.reasons)
         for d in (spec.model_dir, spec.report_dir, spec.data_dir):
@@ -266,7 +306,11 @@ def process_request(
         item, spec, outcome.metrics, verdict, version, pl.tracking.registered_model, tags
     )
     message = f"cul: {request_id} forget {item.concept} -> step {key}"
-    rev = versioner.commit(message, step_records(key, request_id)) if pl.git_commit else versioner.head()
+    if pl.git_commit:  # committed, then pushed to the git remote (rebased on what others pushed)
+        versioner.commit(message, step_records(key, request_id))
+        rev = versioner.publish()
+    else:
+        rev = versioner.head()
     tracker.tag_version(version, "dvc_rev", rev)
     tracker.set_outcome(run_id, f"version {version}")
     tracker.close(run_id)

@@ -46,6 +46,8 @@ class QueuedRequest(BaseModel):
     step: str | None = None  # DVC step key (models/steps/KEY)
     reasons: list[str] = Field(default_factory=list)  # the gate's, when sent to review
     updated: str = ""
+    tries: int = 0  # dispatches that ended without an outcome (a killed worker); part of the dispatch key
+    holder: str = ""  # the flow run processing it while in progress (a dispatcher watches it)
 
     def request(self) -> Request:
         return Request(concept=self.concept, kind=self.kind, id=self.id, note=self.note)
@@ -101,22 +103,7 @@ class RequestQueue:
 
     def _add(self, concept: str, kind: str | None, note: str, by: str | None) -> QueuedRequest:
         items = self.items()
-        done = [r.concept for r in items if r.state == State.accepted]
-        request = Request(concept=concept, kind=kind)
-        resolved = resolve_request(request, forgotten=done, catalogue=self.catalogue or CATALOGUE)
-        for r in items:
-            if r.concept == resolved.concept and r.state in (State.pending, State.in_progress, State.review):
-                raise RequestError(f"{resolved.concept!r} is already requested ({r.id}, {r.describe()})")
-        number = max((int(r.id[1:]) for r in items if r.id[1:].isdigit()), default=0) + 1
-        item = QueuedRequest(
-            id=f"r{number:03d}",
-            concept=resolved.concept,
-            kind=resolved.kind,
-            note=note,
-            by=by or _user(),
-            at=_now(),
-            updated=_now(),
-        )
+        item = new_request(items, concept, kind, note, by, self.catalogue or CATALOGUE)
         self._write(items + [item])
         return item
 
@@ -132,6 +119,28 @@ class RequestQueue:
                 self._write(items)
                 return items[i]
         raise KeyError(f"no request {request_id!r} in {self.path}")
+
+
+def new_request(
+    items: list[QueuedRequest], concept: str, kind: str | None, note: str, by: str | None, catalogue: Catalogue
+) -> QueuedRequest:
+    """The next request of a queue holding `items`: resolved against the catalogue, refused
+    (`RequestError`) if the concept is already forgotten or already waiting."""
+    done = [r.concept for r in items if r.state == State.accepted]
+    resolved = resolve_request(Request(concept=concept, kind=kind), forgotten=done, catalogue=catalogue)
+    for r in items:
+        if r.concept == resolved.concept and r.state in (State.pending, State.in_progress, State.review):
+            raise RequestError(f"{resolved.concept!r} is already requested ({r.id}, {r.describe()})")
+    number = max((int(r.id[1:]) for r in items if r.id[1:].isdigit()), default=0) + 1
+    return QueuedRequest(
+        id=f"r{number:03d}",
+        concept=resolved.concept,
+        kind=resolved.kind,
+        note=note,
+        by=by or _user(),
+        at=_now(),
+        updated=_now(),
+    )
 
 
 def _user() -> str:

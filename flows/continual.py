@@ -4,6 +4,12 @@ requests in order, each from the current `champion`.
 Only wiring lives here: the request logic is `cul.pipeline.process_request`; these tasks run its
 compute (data preparation, one attempt) and the flows publish its tables and records as Prefect
 artifacts. Tasks pass paths, ids and small dicts, never tensors, so results cache and serialize.
+
+On a laptop the continual flow holds the lineage and runs each request in its own process. On a
+team's servers (`pipeline.dispatch`, `CUL_DATABASE_URL`) it dispatches each request as a flow run
+of the request deployment on the GPU pool and watches it: the request run holds the lineage in
+PostgreSQL, so requests of one model run one at a time whoever dispatched them, and a run whose
+worker died (its lineage lock dropped) is crashed and dispatched again.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cul import device, threads
 from cul.config import Params
-from cul.io.locks import LineageLock
+from cul.io.database import PgLineageLock, SqlQueue, database_url, lineage_lock, open_queue
 from cul.io.tracking import Tracker, TrackingSettings
 from cul.io.versioning import Versioner
-from cul.pipeline import process_request, recover_stranded, stops_the_run
-from cul.queue import RequestQueue
+from cul.pipeline import PipelineError, process_request, recover_stranded, stops_the_run, waiting_for_promotion
+from cul.queue import State
 from cul.step import StepSpec, prepare_data, train_and_evaluate
 
 
@@ -100,17 +106,50 @@ class TaskRunner:
 @flow(name="cul-request", log_prints=True)
 def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool = False) -> dict:
     """One deletion request (`cul.pipeline.process_request`), with its attempts table and deletion
-    record as artifacts."""
+    record as artifacts. Dispatched on a team's pool, it holds the lineage itself: it waits for
+    the run ahead of it, then does nothing if the request was settled meanwhile."""
     params = load_params(params_path, quick)
+    pl = params.pipeline
+    if pl.dispatch is None:  # the continual flow of this process holds the lineage
+        return _process(request_id, params, holder="")
+    lock = _team_lock(params)
+    from prefect.runtime import flow_run
+
+    lock.holder = str(flow_run.id or "")
+    with lock.hold(wait=pl.dispatch.lineage_wait_seconds):
+        queue, tracker = open_queue(pl), Tracker(pl.tracking)
+        recover_stranded(queue, tracker, log=get_run_logger().warning)  # the lineage is ours: in progress = dead
+        item = queue.get(request_id)
+        if item.state != State.pending:
+            get_run_logger().info(f"{request_id} is {item.describe()} already; nothing to do")
+            return {"request": request_id, "accepted": item.state == State.accepted, "version": item.version}
+        if (waiting := waiting_for_promotion(tracker, params)) is not None:
+            get_run_logger().warning(f"{request_id} waits: version {waiting} is the candidate, not yet champion")
+            return {"request": request_id, "accepted": False, "version": None, "waiting_for": waiting}
+        return _process(request_id, params, holder=lock.holder)
+
+
+def _team_lock(params: Params) -> PgLineageLock:
+    lock = lineage_lock(params.pipeline)
+    if not isinstance(lock, PgLineageLock):
+        raise PipelineError(
+            "pipeline.dispatch needs the team's database: set CUL_DATABASE_URL (postgresql://...) on every "
+            "worker, so the queue and the lineage lock are shared (infra/README.md)"
+        )
+    return lock
+
+
+def _process(request_id: str, params: Params, holder: str) -> dict:
     pl = params.pipeline
     outcome = process_request(
         request_id,
         params,
-        RequestQueue(pl.requests_file),
+        open_queue(pl),
         Tracker(pl.tracking),
-        Versioner("."),
+        Versioner(".", share=database_url() is not None),
         TaskRunner(params),
         log=get_run_logger().info,
+        holder=holder,
     )
     if outcome.attempts:
         create_table_artifact(
@@ -130,28 +169,27 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
 @flow(name="cul-continual", log_prints=True)
 def continual_flow(params_path: str = "params.yaml", quick: bool = False, limit: int | None = None) -> list[dict]:
     """Every pending request, oldest first, each from the champion at that moment (a run stops
-    after its first accepted step when a person promotes versions). One run per model lineage at a
-    time: a second run is refused (`LockBusy`); requests a dead run left in progress are redone."""
+    while a candidate waits for a person to promote it). On a laptop one run per model lineage at
+    a time: a second run is refused (`LockBusy`); requests a dead run left in progress are redone.
+    With `pipeline.dispatch`, each request runs on the GPU pool (`dispatch_request`)."""
     params = load_params(params_path, quick)
-    with LineageLock(params.pipeline.tracking.registered_model).hold():
-        return _continual(params, params_path, quick, limit)
+    if params.pipeline.dispatch is not None:
+        return _publish(_dispatch_all(params, params_path, quick, limit))
+    with lineage_lock(params.pipeline).hold():
+        return _publish(_continual(params, params_path, quick, limit))
 
 
 def _continual(params: Params, params_path: str, quick: bool, limit: int | None) -> list[dict]:
     if params.pipeline.concept_catalogue().name == "world":
         prepare_world(params.world.size, params.world.seed, params.world.eval_seed, str(params.paths.world))
-    queue = RequestQueue(params.pipeline.requests_file)
+    queue = open_queue(params.pipeline)
     recover_stranded(queue, Tracker(params.pipeline.tracking), log=get_run_logger().warning)
     pending = queue.pending()[: limit or None]
     results = []
     for item in pending:
         t0 = time.perf_counter()
         out = request_flow(item.id, params_path, quick)
-        out["seconds_total"] = round(time.perf_counter() - t0, 1)
-        if out.get("seconds_step") is not None:  # orchestration = everything but replay, training, evaluation
-            compute = out["seconds_step"] + out["seconds_eval"]
-            out["overhead"] = round((out["seconds_total"] - compute) / compute, 3)
-        results.append(out)
+        results.append(_with_overhead(out, time.perf_counter() - t0))
         waiting = len(pending) - len(results)
         if stops_the_run(out, params):
             if waiting:
@@ -160,6 +198,19 @@ def _continual(params: Params, params_path: str, quick: bool, limit: int | None)
                     "until a person moves `champion` to it (MLflow UI or `cul promote`)"
                 )
             break
+    return results
+
+
+def _with_overhead(out: dict, seconds_total: float) -> dict:
+    """Orchestration = everything but replay, training and evaluation, relative to them."""
+    out["seconds_total"] = round(seconds_total, 1)
+    if out.get("seconds_step") is not None:
+        compute = out["seconds_step"] + out["seconds_eval"]
+        out["overhead"] = round((out["seconds_total"] - compute) / compute, 3)
+    return out
+
+
+def _publish(results: list[dict]) -> list[dict]:
     if results:
         create_table_artifact(
             [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in results],
@@ -167,3 +218,102 @@ def _continual(params: Params, params_path: str, quick: bool, limit: int | None)
             description="requests processed by this run",
         )
     return results
+
+
+def _dispatch_all(params: Params, params_path: str, quick: bool, limit: int | None) -> list[dict]:
+    """The pending requests one after another, each as a flow run on the GPU pool; stops while a
+    candidate waits for promotion (a promotion starts the next run: flows/promotion.py)."""
+    pl = params.pipeline
+    queue, tracker, lock = open_queue(pl), Tracker(pl.tracking), _team_lock(params)
+    assert isinstance(queue, SqlQueue)
+    results: list[dict] = []
+    while limit is None or len(results) < limit:
+        if (waiting := waiting_for_promotion(tracker, params)) is not None:
+            if queue.pending():
+                get_run_logger().warning(
+                    f"version {waiting} is the candidate; the pending requests wait until a person moves "
+                    "`champion` to it (MLflow UI or `cul promote`)"
+                )
+            break
+        pending = queue.pending()
+        if not pending:
+            break
+        results.append(dispatch_request(pending[0].id, params, params_path, quick, queue, tracker, lock))
+    return results
+
+
+def dispatch_request(
+    request_id: str,
+    params: Params,
+    params_path: str,
+    quick: bool,
+    queue: SqlQueue,
+    tracker: Tracker,
+    lock: PgLineageLock,
+) -> dict:
+    """Run one request on the GPU pool until it is settled (accepted or sent to review). Each
+    flow run's idempotency key is the request and its try, so dispatchers racing for the same
+    request share one run. A run whose worker died (the request in progress under it, its lineage
+    lock gone) is marked crashed and the request dispatched again, up to `max_tries`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    d = params.pipeline.dispatch
+    assert d is not None
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    while True:
+        item = queue.get(request_id)
+        if item.state in (State.accepted, State.review):
+            break
+        if item.tries >= d.max_tries:
+            raise PipelineError(
+                f"{request_id}: {item.tries} flow runs ended without settling it"
+                f"{' (' + '; '.join(item.reasons) + ')' if item.reasons else ''}; it stays pending. "
+                f"Read those runs' logs in the Prefect UI ({d.deployment}), fix the cause, then `cul request retry`."
+            )
+        dispatched = item.tries
+        run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: a FlowRun, not a coroutine
+            d.deployment,
+            parameters={"request_id": request_id, "params_path": params_path, "quick": quick},
+            idempotency_key=f"{params.pipeline.tracking.registered_model}/{request_id}/try-{dispatched}",
+            job_variables=d.job_variables,
+            timeout=0,
+        )
+        log.info(f"{request_id}: flow run {run.name} on {d.deployment} (try {item.tries})")
+        suspect = 0
+        with get_client(sync_client=True) as client:
+            while True:
+                state = client.read_flow_run(run.id).state
+                if state is not None and state.is_final():
+                    break
+                now = queue.get(request_id)
+                dead = now.state == State.in_progress and now.holder == str(run.id) and lock.is_free()
+                suspect = suspect + 1 if dead else 0
+                if suspect >= 2:  # seen twice, `poll_seconds` apart: its worker is gone
+                    client.set_flow_run_state(
+                        run.id, Crashed(message="its worker died: lineage lock dropped"), force=True
+                    )
+                    log.warning(f"{request_id}: the worker of {run.name} died during the step; dispatching again")
+                    break
+                time.sleep(d.poll_seconds)
+        item = queue.get(request_id)
+        if item.state not in (State.accepted, State.review):  # counted once, however many dispatchers watched
+            queue.bump_tries(request_id, seen=dispatched)
+    return _with_overhead(_settled(item, tracker), time.perf_counter() - t0)
+
+
+def _settled(item, tracker: Tracker) -> dict:
+    """A settled request as the continual table shows it, with its step's timings from MLflow."""
+    out = {"request": item.id, "accepted": item.state == State.accepted, "version": item.version, "tries": item.tries}
+    if item.state == State.accepted and item.version is not None:
+        m = tracker.version_metrics(item.version)
+        keys = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio")
+        out.update({k: m.get(k) for k in keys}, step=item.step)
+        if "seconds_step" in m:  # replay and training, as the step measured them
+            out["seconds_step"], out["seconds_eval"] = m["seconds_step"], m.get("seconds_eval", 0.0)
+    else:
+        out["reasons"] = item.reasons
+    return out

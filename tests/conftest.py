@@ -69,9 +69,19 @@ def judge():
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory):
-    """Real Prefect, MLflow and S3 (moto) servers on loopback, shared by the pipeline tests."""
+def pg():
+    """A PostgreSQL server of its own (URL without a database), shared by the tests."""
+    from tests.support.postgres import postgres
+
+    with postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory, pg):
+    """Real Prefect and MLflow servers on PostgreSQL, and S3 (moto), on loopback, shared by the
+    pipeline tests."""
     from tests.support.servers import stack
 
-    with stack(tmp_path_factory.mktemp("servers")) as env:
+    with stack(tmp_path_factory.mktemp("servers"), pg) as env:
         yield env

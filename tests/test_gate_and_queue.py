@@ -190,3 +190,37 @@ def test_catalogue_text_in_a_record_stays_one_code_span(name):
     assert span.endswith(fence) and fence not in inner  # nothing inside closes the span
     assert "|" not in inner.replace("\\|", "")  # every pipe escaped: the table row keeps its cells
     assert inner.strip().replace("\\|", "|") == " ".join(name.split())
+
+
+def test_a_shared_checkout_pushes_its_step_commit_rebased_on_what_another_worker_pushed(tmp_path):
+    """Two workers' clones of one git remote: both commit a step record; the second push is
+    refused, rebased on the first, and lands; a laptop checkout (share off) pushes nothing."""
+    import subprocess
+
+    from cul.io.versioning import Versioner
+
+    def git(cwd, *args):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(remote))
+    seed = tmp_path / "seed"
+    git(tmp_path, "clone", "-q", str(remote), str(seed))
+    (seed / "steps.txt").write_text("steps\n")
+    git(seed, "add", "steps.txt")
+    git(seed, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "seed")
+    git(seed, "push", "-q", "origin", "HEAD:main")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for clone in (a, b):
+        git(tmp_path, "clone", "-q", str(remote), str(clone))
+    for clone, name in ((a, "s01"), (b, "s02")):
+        Versioner(clone, share=True).sync()
+        (clone / f"{name}.txt").write_text(name)
+        Versioner(clone, share=True).commit(f"step {name}", [f"{name}.txt"])
+    Versioner(a, share=True).publish()
+    rev = Versioner(b, share=True).publish()
+    assert git(remote, "rev-parse", "main") == rev
+    assert git(remote, "log", "--format=%s", "main").splitlines() == ["step s02", "step s01", "seed"]
+    (b / "s03.txt").write_text("s03")
+    Versioner(b).commit("step s03", ["s03.txt"])
+    assert Versioner(b).publish() == git(b, "rev-parse", "HEAD") != git(remote, "rev-parse", "main")

@@ -111,3 +111,46 @@ def test_the_summary_counts_what_this_run_spent_not_what_reused_data_once_cost(p
     assert out.seconds_prepare < 1.0
     assert summary["seconds_step"] == pytest.approx(round(out.seconds_prepare + 2 * 3.0, 1))  # two attempts
     assert summary["seconds_eval"] == 2.0
+
+
+class PromotedDuringTheStep(Runner):
+    """A person moves `champion` (to version 2) while the first attempt trains."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(left=[0.0, 0.0])
+        self.tracker = tracker
+
+    def attempt(self, spec, data_dir, run_id):
+        if len(self.specs) == 0:
+            self.tracker.champ = ChampionInfo(version=2, step="s02", forgotten=["circle"])
+        return super().attempt(spec, data_dir, run_id)
+
+
+def test_a_step_whose_parent_stopped_being_champion_is_redone_from_the_new_champion(project):
+    queue, versioner = RequestQueue(project.pipeline.requests_file), Versioner()
+    tracker = Tracker(ChampionInfo(version=1, step="s01", forgotten=[]))
+    runner = PromotedDuringTheStep(tracker)
+    out = process_request("r001", project, queue, tracker, versioner, runner, log=lambda m: None)
+
+    first, second = runner.specs
+    assert (first.parent_version, second.parent_version) == (1, 2)
+    assert second.forgotten == ["circle"] and second.parent == "models/steps/s02"
+    assert out.accepted and out.version == 1 and len(tracker.versions) == 1  # registered once, on version 2
+    assert tracker.versions[0]["tags"]["parent_version"] == "2"
+    assert versioner.recorded == ["s01"] and len(versioner.commits) == 1
+    stale = tracker.runs["run0"]
+    assert stale["tags"]["outcome"] == "stale parent: redone" and stale["status"] == "FINISHED"
+    assert [h for h in queue.items() if h.id == "r001"][0].state == State.accepted
+
+
+def test_without_auto_promotion_a_candidate_newer_than_the_champion_holds_the_queue(project):
+    from cul.pipeline import waiting_for_promotion
+
+    manual = project.model_copy(update={"pipeline": project.pipeline.model_copy(update={"auto_promote": False})})
+    tracker = Tracker(ChampionInfo(version=1, step="s01", forgotten=["red"]))
+    assert waiting_for_promotion(tracker, manual) is None  # no candidate yet
+    tracker.versions = [{}, {}]  # version 2 registered: the candidate
+    assert waiting_for_promotion(tracker, manual) == 2
+    assert waiting_for_promotion(tracker, project) is None  # auto-promotion: nothing waits
+    tracker.champ = ChampionInfo(version=2, step="s02", forgotten=["red", "circle"])
+    assert waiting_for_promotion(tracker, manual) is None  # promoted

@@ -185,6 +185,21 @@ class Tracker:
             return None
         return self.version_info(int(mv.version))
 
+    def candidate(self) -> ChampionInfo | None:
+        """The version the gate accepted last (alias `candidate`), or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.settings.registered_model, CANDIDATE)
+        except MlflowException:
+            return None
+        return self.version_info(int(mv.version))
+
+    def version_metrics(self, version: int) -> dict[str, float]:
+        """The metrics of the attempt that made `version` (UA, RA, FD, seconds...)."""
+        mv = self.client.get_model_version(self.settings.registered_model, str(version))
+        return dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+
     def versions(self) -> list[dict]:
         from mlflow.exceptions import MlflowException
 
@@ -201,14 +216,36 @@ class Tracker:
             out.append({"version": int(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])), **mv.tags})
         return sorted(out, key=lambda r: r["version"])
 
+    def install_webhook(self, url: str, secret: str) -> str:
+        """The registry webhook telling `url` of alias moves (`cul hooks install`); an earlier
+        one of this model is replaced. Returns its id."""
+        name = f"cul-promotion-{self.settings.registered_model}"
+        for hook in self.client.list_webhooks():
+            if hook.name == name:
+                self.client.delete_webhook(hook.webhook_id)
+        hook = self.client.create_webhook(
+            name=name,
+            url=url,
+            events=["model_version_alias.created"],
+            secret=secret,
+            description=f"a champion move of {self.settings.registered_model} starts the next request",
+        )
+        return hook.webhook_id
+
     def fetch_weights(self, version: int, dest: Path) -> Path:
-        """The version's weights in `dest` (downloaded from the artifact store if not there)."""
+        """The version's weights in `dest` (downloaded from the artifact store if not there: a
+        worker on a fresh machine gets the champion this way)."""
         if (dest / "cul_model.json").exists():
             return dest
+        import yaml
+
         tmp = Path(self.mlflow.artifacts.download_artifacts(f"models:/{self.settings.registered_model}/{version}"))
-        src = tmp / "artifacts" / "weights"
+        # the pyfunc keeps the weights folder under the path its MLmodel names for `weights`
+        flavor = yaml.safe_load((tmp / "MLmodel").read_text())["flavors"]["python_function"]
+        src = tmp / flavor["artifacts"]["weights"]["path"]
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dest, dirs_exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
 

@@ -5,7 +5,12 @@ base model and judge it reads are committed to git).
 
 The remote is whatever `.dvc/config` names (a local folder by default). S3: add a remote with
 `dvc remote add --local` and pass credentials through the environment (AWS_ACCESS_KEY_ID, ...):
-nothing secret is ever written to a tracked file.
+nothing secret is ever written to a tracked file. A worker on a fresh machine gets its remote from
+the environment instead (`CUL_DVC_REMOTE_URL`, `CUL_S3_ENDPOINT`: `configure_remote`).
+
+On a team, a step's git records reach the others through the git remote: `sync` rebases the
+checkout on what others pushed before a step takes its key, and `publish` pushes the step's commit,
+rebasing and retrying when someone pushed in between.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -30,10 +36,14 @@ def _run(cmd: list[str], cwd: Path, check: bool = True) -> str:
     return p.stdout.strip()
 
 
+WHO = ["-c", "user.name=cul-pipeline", "-c", "user.email=cul-pipeline@localhost"]
+
+
 class Versioner:
-    def __init__(self, root: str | Path = ".", remote: str | None = None) -> None:
+    def __init__(self, root: str | Path = ".", remote: str | None = None, share: bool = False) -> None:
         self.root = Path(root).resolve()
         self.remote = remote or os.environ.get("CUL_DVC_REMOTE") or None
+        self.share = share  # a team's checkout: `sync` and `publish` go through the git remote
 
     def dvc(self, *args: str, check: bool = True) -> str:
         return _run([sys.executable, "-m", "dvc", *args], self.root, check)
@@ -77,6 +87,59 @@ class Versioner:
         changed = self.git("diff", "--cached", "--name-only", "--", *paths).splitlines() if paths else []
         if not changed:
             return self.head()
-        who = ["-c", "user.name=cul-pipeline", "-c", "user.email=cul-pipeline@localhost"]
-        self.git(*who, "commit", "-q", "--no-verify", "-m", message, "--only", "--", *changed)
+        self.git(*WHO, "commit", "-q", "--no-verify", "-m", message, "--only", "--", *changed)
         return self.head()
+
+    # -- a team's shared remotes ------------------------------------------------------------------
+    def configure_remote(self) -> str | None:
+        """Point DVC at `CUL_DVC_REMOTE_URL` (with endpoint `CUL_S3_ENDPOINT`, for MinIO or another
+        S3), as the local default remote `team`; returns its name, or None when the variable is unset."""
+        url = os.environ.get("CUL_DVC_REMOTE_URL")
+        if not url:
+            return None
+        self.dvc("remote", "add", "--local", "--force", "--default", "team", url)
+        if endpoint := os.environ.get("CUL_S3_ENDPOINT"):
+            self.dvc("remote", "modify", "--local", "team", "endpointurl", endpoint)
+        self.remote = "team"
+        return "team"
+
+    def upstream(self) -> tuple[str, str] | None:
+        """(remote, branch) the checkout tracks, or None (a repository without a remote)."""
+        ref = self.git("rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}", check=False)
+        if not ref or "/" not in ref:
+            return None
+        remote, branch = ref.split("/", 1)
+        return remote, branch
+
+    def sync(self) -> str:
+        """Rebase a shared checkout on its upstream (what other workers pushed); returns HEAD.
+        A laptop's checkout (`share` off) is left as it is."""
+        if self.share and self.upstream() is not None:
+            self.git(*WHO, "pull", "--rebase", "--quiet")
+        return self.head()
+
+    def publish(self, tries: int = 5) -> str:
+        """Push HEAD to the upstream, rebasing on what others pushed meanwhile; returns HEAD.
+        A conflict stops with a message and leaves the commit local."""
+        if not self.share or (up := self.upstream()) is None:
+            return self.head()
+        remote, branch = up
+        for attempt in range(tries):
+            pushed = subprocess.run(
+                ["git", "push", "--quiet", remote, f"HEAD:{branch}"], cwd=self.root, capture_output=True, text=True
+            )
+            if pushed.returncode == 0:
+                return self.head()
+            rebased = subprocess.run(
+                ["git", *WHO, "pull", "--rebase", "--quiet", remote, branch],
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+            )
+            if rebased.returncode != 0:
+                self.git("rebase", "--abort", check=False)
+                raise VersioningError(
+                    f"cannot rebase on {remote}/{branch} to push the step's commit: {rebased.stderr.strip()[-500:]}"
+                )
+            time.sleep(0.5 * (attempt + 1))
+        raise VersioningError(f"git push to {remote}/{branch} refused {tries} times: {pushed.stderr.strip()[-500:]}")

@@ -54,6 +54,9 @@ class Tracker:
     def champion(self):
         return self.champ
 
+    def candidate(self):
+        return ChampionInfo(version=len(self.versions), step=None, forgotten=[]) if self.versions else None
+
     def fetch_weights(self, version, dest):
         return dest
 
@@ -110,6 +113,12 @@ class Versioner:
 
     def commit(self, message, paths):
         self.commits.append((message, paths))
+        return f"rev{len(self.commits)}"
+
+    def sync(self):
+        return self.head()
+
+    def publish(self):
         return f"rev{len(self.commits)}"
 
 

@@ -1,6 +1,7 @@
-"""Real servers on loopback for the pipeline tests: moto's S3 server, an MLflow tracking server
-with its artifacts in that S3, and a Prefect server. No mocks: the pipeline talks to them
-over HTTP exactly as it would to production services."""
+"""Real servers on loopback for the pipeline tests: PostgreSQL, moto's S3 server, an MLflow
+tracking server on PostgreSQL with its artifacts in that S3, and a Prefect server on PostgreSQL:
+the team's stack of infra/compose.yaml. No mocks: the pipeline talks to them over HTTP exactly as
+it would to production services."""
 
 from __future__ import annotations
 
@@ -54,11 +55,14 @@ def background(cmd: list[str], env: dict, log: Path, health: str, timeout: float
 
 
 @contextmanager
-def stack(tmp: Path):
-    """S3 (moto), MLflow (SQLite backend, artifacts in S3) and Prefect; yields the environment a
-    client process needs to use all three."""
+def stack(tmp: Path, pg: str):
+    """S3 (moto), MLflow (on PostgreSQL `pg`, artifacts in S3, registry webhooks allowed to
+    loopback) and Prefect (on `pg`); yields the environment a client process needs to use all
+    three, with `CUL_TEST_PG` the PostgreSQL server for more databases."""
     import boto3
     from moto.server import ThreadedMotoServer
+
+    from tests.support.postgres import create_database
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
@@ -83,13 +87,23 @@ def stack(tmp: Path):
         "--port",
         str(mlflow_port),
         "--backend-store-uri",
-        f"sqlite:///{tmp / 'mlflow.db'}",
+        create_database(pg, "mlflow").replace("postgresql://", "postgresql+psycopg://"),
         "--default-artifact-root",
         f"s3://{BUCKET}/mlflow",
         "--no-serve-artifacts",
     ]
+    mlflow_env = {
+        **base_env,
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",  # a webhook installed during a test is used at once
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "b3BlbnNlc2FtZS10ZXN0LWtleS0wMTIzNDU2Nzg5YWI=",  # one for all workers
+    }
     prefect_env = {
         **base_env,
+        "PREFECT_API_DATABASE_CONNECTION_URL": create_database(pg, "prefect").replace(
+            "postgresql://", "postgresql+asyncpg://"
+        ),
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
@@ -98,7 +112,7 @@ def stack(tmp: Path):
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     try:
         with (
-            background(mlflow_cmd, base_env, tmp / "mlflow.log", f"http://127.0.0.1:{mlflow_port}/health"),
+            background(mlflow_cmd, mlflow_env, tmp / "mlflow.log", f"http://127.0.0.1:{mlflow_port}/health"),
             background(
                 prefect_cmd,
                 prefect_env,
@@ -116,6 +130,7 @@ def stack(tmp: Path):
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect-results"),
                 "CUL_S3_ENDPOINT": endpoint,
+                "CUL_TEST_PG": pg,
             }
     finally:
         s3.stop()

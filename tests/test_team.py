@@ -1,0 +1,321 @@
+"""A team's pipeline: workers that share no disk, on the shared servers of infra/compose.yaml.
+
+PostgreSQL (Prefect's, MLflow's and the queue's databases), the Prefect server and the MLflow
+server on it, S3 (moto's server), a bare git repository as the project's remote, and three
+process workers, each started in its own fresh clone and cloning again for every flow run: one on
+the CPU pool (the dispatcher, `cul-continual/dispatch`), two on the "GPU" pool (the requests,
+`cul-request/gpu`), deployed from prefect.yaml as a team deploys them.
+
+1. Three requests queued at once, two dispatchers started at once: the requests run one at a
+   time, each from the previous accepted version (v1 -> v2 -> v3); the worker running the second
+   is killed during its attempt, the request is dispatched again and completes once; every step's
+   commit reaches the git remote; nothing is registered twice.
+2. With auto-promotion off, a `champion` move through MLflow's REST API (what the UI sends)
+   reaches `cul hooks serve` as a signed webhook, and the next request starts within a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
+from tests.support.servers import BUCKET, background, cul, free_port, s3_keys
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+MODEL = "cul-team"
+SECRET = "team-test-secret"
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> str:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd[:4])}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout.strip()
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return _run(["git", "-c", "user.name=person", "-c", "user.email=person@team", *args], cwd)
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        if out := check():
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Team:
+    env: dict
+    seed: Path
+    remote: Path
+    tmp: Path
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def queue(self):
+        from cul.io.database import SqlQueue
+
+        return SqlQueue(self.env["CUL_DATABASE_URL"], MODEL)
+
+    def mlflow(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
+
+    def prefect(self, *args: str) -> str:
+        return _run([str(BIN / "prefect"), *args], self.seed, self.env)
+
+    def api(self, path: str, body: dict) -> list[dict]:
+        req = urllib.request.Request(
+            f"{self.env['PREFECT_API_URL']}/{path}",
+            method="POST",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def flow_runs(self, deployment: str) -> list[dict]:
+        """The runs of FLOW/DEPLOYMENT that someone or something started (not the cron's)."""
+        dep = self.deployment(deployment)
+        runs = self.api("flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
+        return [r for r in runs if not r["auto_scheduled"]]
+
+    def deployment(self, name: str) -> dict:
+        with urllib.request.urlopen(f"{self.env['PREFECT_API_URL']}/deployments/name/{name}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def start_worker(self, name: str, pool: str) -> None:
+        clone = self.tmp / f"worker-{name}"
+        _git(self.tmp, "clone", "-q", str(self.remote), str(clone))
+        env = {
+            **self.env,
+            "PREFECT_HOME": str(self.tmp / f"prefect-{name}"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.tmp / f"results-{name}"),
+            "CUL_WORKSPACES": str(self.tmp / f"runs-{name}"),
+        }
+        log = self.tmp / f"worker-{name}.log"
+        with open(log, "w") as out:
+            self.workers[name] = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name],
+                cwd=clone,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its flow runs are in its process group: killing it kills them
+            )
+
+
+@pytest.fixture(scope="module")
+def team(servers, tmp_path_factory):
+    from cul.unlearning.recipes import DFRRecipe, dump_recipe
+    from tests.support.postgres import create_database
+
+    tmp = tmp_path_factory.mktemp("team")
+    seed = copy_project(tmp / "seed")
+    tiny_params(
+        seed,
+        gate=PERMISSIVE_GATE,
+        method="experiments/team.yaml",
+        tracking={"experiment": "cul-team", "registered_model": MODEL},
+        dispatch={"deployment": "cul-request/gpu", "job_variables": {}, "poll_seconds": 1.0, "max_tries": 3},
+    )
+    # a few more training steps than the other pipeline tests: a window to kill a worker in
+    team_recipe = DFRRecipe(steps=4, replay_steps=2, forget_batch=4, retain_batch=8)
+    (seed / "experiments" / "team.yaml").write_text(dump_recipe(team_recipe, "team: the tiny recipe, 4 steps"))
+    _git(seed, "add", "-A")
+    _git(seed, "commit", "-q", "-m", "the team's settings")
+    remote = tmp / "remote.git"
+    _git(tmp, "init", "-q", "--bare", "-b", "main", str(remote))
+    _git(seed, "remote", "add", "origin", str(remote))
+    _git(seed, "push", "-q", "-u", "origin", "main")
+    env = {
+        **servers,
+        "CUL_DATABASE_URL": create_database(servers["CUL_TEST_PG"], "cul_team"),
+        "CUL_REPO_URL": str(remote),
+        "CUL_DVC_REMOTE_URL": f"s3://{BUCKET}/dvc-team",
+        "CUL_WEBHOOK_SECRET": SECRET,
+        "CUL_IMAGE": "cul:test",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    t = Team(env, seed, remote, tmp)
+    t.prefect("work-pool", "create", "cul-cpu", "--type", "process", "--overwrite")
+    t.prefect("work-pool", "create", "cul-gpu", "--type", "process", "--overwrite")  # a GPU host's process pool
+    t.prefect("--no-prompt", "deploy", "--name", "dispatch")
+    t.prefect("--no-prompt", "deploy", "--name", "gpu")
+    t.start_worker("cpu", "cul-cpu")
+    t.start_worker("gpu-a", "cul-gpu")
+    t.start_worker("gpu-b", "cul-gpu")
+    try:
+        yield t
+    finally:
+        for w in t.workers.values():
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in t.workers.values():
+            try:
+                w.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+
+
+def _attempt_started(team: Team, request_id: str) -> bool:
+    """An attempt run of the request is open: its step is training."""
+    client = team.mlflow()
+    exp = client.get_experiment_by_name("cul-team")
+    if exp is None:
+        return False
+    running = "attributes.status = 'RUNNING'"
+    for run in client.search_runs([exp.experiment_id], f"tags.request_id = '{request_id}' and {running}"):
+        if client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and {running}"):
+            return True
+    return False
+
+
+def _kill_the_node_of(team: Team, pid: int) -> str:
+    """SIGKILL the flow run `pid` and the worker that started it, as a lost node would; its name."""
+    import psutil
+
+    ancestors = {p.pid for p in psutil.Process(pid).parents()}
+    [name] = [n for n, w in team.workers.items() if w.pid in ancestors]
+    os.kill(pid, signal.SIGKILL)
+    os.killpg(team.workers[name].pid, signal.SIGKILL)
+    team.workers[name].wait()
+    return name
+
+
+def test_three_requests_at_once_run_one_at_a_time_and_survive_a_killed_worker(team):
+    from cul.io.database import PgLineageLock
+    from cul.queue import State
+
+    for concept in ("red", "circle", "striped"):
+        cul(team.seed, team.env, "request", "add", concept)
+    t0 = time.monotonic()
+    team.prefect("deployment", "run", "cul-continual/dispatch")  # the nightly cron ...
+    team.prefect("deployment", "run", "cul-continual/dispatch")  # ... and a person, at the same moment
+
+    queue = team.queue()
+    _wait("r002 in its attempt", lambda: _attempt_started(team, "r002"), timeout=420, every=0.5)
+    holder = PgLineageLock(team.env["CUL_DATABASE_URL"], MODEL).owner()
+    assert holder["holder"] == queue.get("r002").holder  # the flow run processing r002 holds the lineage
+    killed = _kill_the_node_of(team, holder["pid"])
+
+    _wait("r001, r002 and r003 accepted", lambda: all(r.state == State.accepted for r in queue.items()), timeout=600)
+    seconds = time.monotonic() - t0
+
+    client = team.mlflow()
+    versions = sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    assert [v.version for v in versions] == ["1", "2", "3"]  # nothing registered twice
+    assert [v.tags["parent_version"] for v in versions] == ["base", "1", "2"]  # each from the one before
+    assert [json.loads(v.tags["forgotten"]) for v in versions][-1] == [v.tags["concept"] for v in versions]
+    assert sorted(v.tags["request_id"] for v in versions) == ["r001", "r002", "r003"]
+    r002 = queue.get("r002")
+    assert r002.tries == 1  # its first flow run died with its worker
+    assert [h.state for h in queue.history("r002")].count(State.in_progress) >= 2
+    runs = team.flow_runs("cul-request/gpu")
+    assert sorted(r["state_type"] for r in runs).count("CRASHED") == 1 and len(runs) == 4
+    exp = client.get_experiment_by_name("cul-team").experiment_id
+    r002_runs = client.search_runs([exp], "tags.request_id = 'r002'")
+    assert sorted(r.data.tags.get("outcome", "") for r in r002_runs) == ["interrupted", f"version {r002.version}"]
+
+    log = _git(team.remote, "log", "--format=%s", "main").splitlines()
+    assert [m.split(" forget")[0] for m in log if m.startswith("cul: ")] == [
+        f"cul: {v.tags['request_id']}" for v in reversed(versions)
+    ]
+    steps = yaml.safe_load(_git(team.remote, "show", "main:requests/steps.yaml"))["steps"]
+    assert sorted(steps) == ["s01", "s02", "s03"]
+    assert steps["s03"]["parent"] == "models/steps/s02" and steps["s02"]["parent"] == "models/steps/s01"
+    lock = yaml.safe_load(_git(team.remote, "show", "main:dvc.lock"))
+    keys = s3_keys(team.env["CUL_S3_ENDPOINT"], "dvc-team/")
+    for key in steps:
+        md5 = next(o["md5"] for o in lock["stages"][f"step@{key}"]["outs"] if o["path"] == f"models/steps/{key}")
+        assert f"dvc-team/files/md5/{md5[:2]}/{md5[2:]}" in keys
+    assert versions[-1].tags["dvc_rev"] == _git(team.remote, "rev-parse", "main")
+
+    figures = {"requests": 3, "seconds": round(seconds, 1), "killed_worker": killed, "per_request": []}
+    for v in versions:
+        m = client.get_run(v.run_id).data.metrics
+        figures["per_request"].append(
+            {"request": v.tags["request_id"], "seconds_step": m["seconds_step"], "seconds_eval": m["seconds_eval"]}
+        )
+    (team.tmp / "figures-multi-worker.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures))
+
+
+def test_a_promotion_through_mlflows_api_starts_the_next_request_within_a_minute(team):
+    from cul.queue import State
+
+    person = team.tmp / "person"
+    _git(team.tmp, "clone", "-q", str(team.remote), str(person))
+    params = yaml.safe_load((person / "params.yaml").read_text())
+    params["pipeline"]["auto_promote"] = False  # from here on a person promotes
+    (person / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(person, "commit", "-q", "-am", "a person promotes versions")
+    _git(person, "push", "-q", "origin", "main")
+
+    port = free_port()
+    hook = [sys.executable, "-m", "cul.cli", "hooks", "serve", "--model", MODEL, "--host", "127.0.0.1"]
+    health = f"http://127.0.0.1:{port}/health"
+    with background([*hook, "--port", str(port)], {**team.env}, team.tmp / "hook.log", health, timeout=120):
+        cul(person, team.env, "hooks", "install", f"http://127.0.0.1:{port}/mlflow")
+        forged = urllib.request.Request(
+            f"http://127.0.0.1:{port}/mlflow", method="POST", data=b"{}", headers={"X-MLflow-Signature": "v1,AAAA"}
+        )
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(forged, timeout=10)
+
+        cul(person, team.env, "request", "add", "square")
+        cul(person, team.env, "request", "add", "green")
+        queue, client = team.queue(), team.mlflow()
+        before = len(team.flow_runs("cul-continual/dispatch"))
+        team.prefect("deployment", "run", "cul-continual/dispatch")
+        _wait("r004 accepted", lambda: queue.get("r004").state == State.accepted, timeout=420)
+        _wait(
+            "the dispatcher stops at the candidate",
+            lambda: all(r["state_type"] == "COMPLETED" for r in team.flow_runs("cul-continual/dispatch")),
+            timeout=120,
+        )
+        aliases = client.get_registered_model(MODEL).aliases
+        assert (aliases["champion"], aliases["candidate"]) == ("3", "4") and queue.get("r005").state == State.pending
+        runs_before = len(team.flow_runs("cul-continual/dispatch"))
+        assert runs_before == before + 1
+
+        t0 = time.monotonic()
+        body = json.dumps({"name": MODEL, "alias": "champion", "version": "4"}).encode()
+        promote = urllib.request.Request(
+            f"{team.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/registered-models/alias",
+            method="POST",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(promote, timeout=10).close()  # what the UI's "add alias" sends
+        _wait(
+            "a dispatcher run started by the promotion",
+            lambda: len(team.flow_runs("cul-continual/dispatch")) > runs_before,
+            60,
+        )
+        _wait("r005 in progress", lambda: queue.get("r005").state != State.pending, timeout=60)
+        started = time.monotonic() - t0
+        _wait("r005 accepted", lambda: queue.get("r005").state == State.accepted, timeout=420)
+    v5 = client.get_model_version(MODEL, str(queue.get("r005").version))
+    assert v5.version == "5" and v5.tags["parent_version"] == "4" and v5.tags["request_id"] == "r005"
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 5
+    print(json.dumps({"promotion_to_start_seconds": round(started, 1)}))
+    (team.tmp / "figures-promotion.json").write_text(json.dumps({"promotion_to_start_seconds": round(started, 1)}))
