@@ -114,6 +114,7 @@ def prepare_data(spec: StepSpec, params: Params, out_data: Path | None = None) -
     recipe = spec.train_recipe()
     t0 = time.perf_counter()
     replay_sources(parent, ps, recipe, out_data / "replay", keep_teacher(parent, _base_if_needed(spec, params), recipe))
+    (out_data / "replay").mkdir(parents=True, exist_ok=True)  # online replay (DFR's own) writes no buffer
     (out_data / "replay" / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
     return out_data
 

@@ -63,23 +63,25 @@ def _without_requests(project: Path) -> None:
 
 
 def tiny_params(project: Path, **pipeline) -> Path:
-    """params.yaml with a step of a few seconds: the production recipe with few training steps,
-    2-step replay sampling, a thin evaluation, one attempt; `pipeline` overrides pipeline settings."""
+    """params.yaml with a step of a few seconds: the production recipe with few training steps and
+    DFR's online replay at 2 sampling steps (no buffer to draw first), a thin evaluation (every
+    32nd scene, 2 sampling steps), one attempt; `pipeline` overrides pipeline settings. The tests
+    that use it are about the pipeline, not the science."""
     from cul.unlearning.recipes import DFRRecipe, dump_recipe
 
-    tiny = DFRRecipe(steps=3, replay_steps=2, forget_batch=4, retain_batch=8)
+    tiny = DFRRecipe(steps=3, replay="online", replay_steps=2, forget_batch=4, retain_batch=8)
     (project / "experiments" / "tiny.yaml").write_text(dump_recipe(tiny, "tiny: the production dfr, a few steps"))
     path = project / "params.yaml"
     p = yaml.safe_load(path.read_text())
-    p["eval"].update(steps=4, paraphrase_scenes=4)
+    p["eval"].update(steps=2, paraphrase_scenes=4)
     p["pipeline"] = {
         "method": "experiments/tiny.yaml",
-        "eval_stride": 8,
+        "eval_stride": 32,
         "escalation": {"max_attempts": 1},
         "auto_promote": True,
         "dvc_push": True,
         "git_commit": True,
-        "quick": {"requests": 2, "train_steps": 3, "eval_stride": 8, "max_attempts": 1},
+        "quick": {"requests": 2, "train_steps": 3, "eval_stride": 32, "max_attempts": 1},
         **pipeline,
     }
     if "tracking" in pipeline:
