@@ -435,10 +435,11 @@ def request_retry(request_id: str, params: Path = ParamsOpt) -> None:
     except KeyError as e:
         _fail(str(e.args[0]))
     stranded = item.state == State.in_progress and lineage_lock(p.pipeline).is_free()
-    if item.state != State.review and not stranded:
+    given_up = item.state == State.pending and item.tries > 0  # the dispatcher stopped after max_tries
+    if item.state != State.review and not stranded and not given_up:
         _fail(
-            f"{request_id} is {item.describe()}; only a request waiting for review, or one left in progress "
-            "by a run that has ended, can be retried"
+            f"{request_id} is {item.describe()}; only a request waiting for review, one left in progress "
+            "by a run that has ended, or one the dispatcher gave up on can be retried"
         )
     queue.update(request_id, state=State.pending, reasons=[], tries=0)
     console.print(f"{request_id} ({item.concept}) is pending again")

@@ -186,13 +186,16 @@ def process_request(
     log: Callable[[str], None] = print,
     holder: str = "",
     redo: int = 0,
+    holds_lineage: Callable[[], bool] = lambda: True,
 ) -> RequestOutcome:
     """One deletion request: attempts with escalation until the gate accepts (then version,
     register, record, commit) or the attempts run out (then review; the champion stays).
 
     A step registers only on the parent it started from: if `champion` moved while it ran, the
     step is dropped and redone from the new champion (`redo` counts those). `holder` names what
-    processes it (a flow run id), for the dispatcher that watches it."""
+    processes it (a flow run id), for the dispatcher that watches it; `holds_lineage` is asked
+    before anything is versioned or registered (a lineage lock lost with its connection stops the
+    step there)."""
     pl = params.pipeline
     item = queue.get(request_id)
     if pl.git_commit and (staged := versioner.staged()):
@@ -275,7 +278,9 @@ def process_request(
         if redo + 1 >= MAX_REDO:
             raise PipelineError(f"{request_id}: {reason}, {MAX_REDO} times; it is pending, nothing registered")
         log(f"{request_id}: {reason}; not registered, redone from version {now}")
-        return process_request(request_id, params, queue, tracker, versioner, runner, log, holder, redo + 1)
+        return process_request(
+            request_id, params, queue, tracker, versioner, runner, log, holder, redo + 1, holds_lineage
+        )
 
     if not verdict.accepted:
         queue.update(request_id, state=State.review, reasons=verdict.reasons)
@@ -287,6 +292,13 @@ def process_request(
         outcome.reasons = verdict.reasons
         return outcome
 
+    if not holds_lineage():
+        tracker.set_outcome(run_id, "lineage lost")
+        tracker.close(run_id, ok=False)
+        raise PipelineError(
+            f"{request_id}: this run lost the lineage lock during the step (its database connection ended); "
+            "nothing was versioned or registered, and the run that holds the lineage now processes it"
+        )
     tags = {
         "request_id": request_id,
         "concept": item.concept,

@@ -46,7 +46,8 @@ class QueuedRequest(BaseModel):
     step: str | None = None  # DVC step key (models/steps/KEY)
     reasons: list[str] = Field(default_factory=list)  # the gate's, when sent to review
     updated: str = ""
-    tries: int = 0  # dispatches that ended without an outcome (a killed worker); part of the dispatch key
+    tries: int = 0  # dispatches that ended without settling it since it was last queued (`max_tries`)
+    dispatches: int = 0  # every dispatch that ended without settling it, never reset: the dispatch key
     holder: str = ""  # the flow run processing it while in progress (a dispatcher watches it)
 
     def request(self) -> Request:

@@ -24,7 +24,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cul import device, threads
 from cul.config import Params
-from cul.io.database import PgLineageLock, SqlQueue, database_url, lineage_lock, open_queue
+from cul.io.database import PgLineageLock, SqlQueue, lineage_lock, open_queue
 from cul.io.tracking import Tracker, TrackingSettings
 from cul.io.versioning import Versioner
 from cul.pipeline import PipelineError, process_request, recover_stranded, stops_the_run, waiting_for_promotion
@@ -126,7 +126,7 @@ def request_flow(request_id: str, params_path: str = "params.yaml", quick: bool 
         if (waiting := waiting_for_promotion(tracker, params)) is not None:
             get_run_logger().warning(f"{request_id} waits: version {waiting} is the candidate, not yet champion")
             return {"request": request_id, "accepted": False, "version": None, "waiting_for": waiting}
-        return _process(request_id, params, holder=lock.holder)
+        return _process(request_id, params, holder=lock.holder, holds_lineage=lock.still_held)
 
 
 def _team_lock(params: Params) -> PgLineageLock:
@@ -139,17 +139,18 @@ def _team_lock(params: Params) -> PgLineageLock:
     return lock
 
 
-def _process(request_id: str, params: Params, holder: str) -> dict:
+def _process(request_id: str, params: Params, holder: str, holds_lineage=lambda: True) -> dict:
     pl = params.pipeline
     outcome = process_request(
         request_id,
         params,
         open_queue(pl),
         Tracker(pl.tracking),
-        Versioner(".", share=database_url() is not None),
+        Versioner(".", share=pl.dispatch is not None),  # a dispatched run's own clone: pull and push
         TaskRunner(params),
         log=get_run_logger().info,
         holder=holder,
+        holds_lineage=holds_lineage,
     )
     if outcome.attempts:
         create_table_artifact(
@@ -278,7 +279,7 @@ def dispatch_request(
         run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: a FlowRun, not a coroutine
             d.deployment,
             parameters={"request_id": request_id, "params_path": params_path, "quick": quick},
-            idempotency_key=f"{params.pipeline.tracking.registered_model}/{request_id}/try-{dispatched}",
+            idempotency_key=f"{params.pipeline.tracking.registered_model}/{request_id}/dispatch-{item.dispatches}",
             job_variables=d.job_variables,
             timeout=0,
         )

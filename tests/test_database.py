@@ -107,3 +107,16 @@ def test_the_settings_pick_the_database_only_when_the_environment_names_one(db, 
     with pytest.raises(DatabaseError, match="PostgreSQL") as e:
         open_queue(pl).items()
     assert "secret" not in str(e.value)
+
+
+def test_a_holder_knows_whether_it_still_holds_the_lineage(db):
+    lock = PgLineageLock(db, "cul-world")
+    assert not lock.still_held()
+    with lock.hold():
+        assert lock.still_held()
+        assert lock._conn is not None
+        lock._conn.execute(
+            __import__("sqlalchemy").text("SELECT pg_advisory_unlock_all()")
+        )  # as if the session was lost
+        assert not lock.still_held()
+    assert lock.is_free()

@@ -94,7 +94,10 @@ def _safe(url: str) -> str:
 @cache
 def engine(url: str) -> sa.Engine:
     """One pooled engine per URL, with the tables created on first use."""
-    eng = sa.create_engine(_driver_url(url), pool_pre_ping=True)
+    # TCP keepalives: a lineage lock's connection idles for a whole step, and a middlebox that
+    # drops it silently would free the lock under a live holder
+    keepalive = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+    eng = sa.create_engine(_driver_url(url), pool_pre_ping=True, connect_args=keepalive)
     try:
         with eng.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _key("cul-schema")})
@@ -181,7 +184,7 @@ class SqlQueue:
                 raise KeyError(f"no request {request_id!r} in {self.path}")
             item = QueuedRequest.model_validate_json(doc)
             if item.tries == seen:
-                item = item.model_copy(update={"tries": seen + 1, "updated": _now()})
+                item = item.model_copy(update={"tries": seen + 1, "dispatches": item.dispatches + 1, "updated": _now()})
                 conn.execute(requests_table.update().where(where).values(**self._row(item)))
                 self._event(conn, item)
         return item
@@ -214,6 +217,7 @@ class PgLineageLock:
         self.url, self.model, self.poll = url, model, poll
         self.key = _key(f"cul-lineage:{model}")
         self.holder = ""  # what the holder is running (a flow run id), stored with its pid and host
+        self._conn: sa.Connection | None = None  # the session holding the lock, inside `hold`
 
     def owner(self) -> dict:
         with engine(self.url).connect() as conn:
@@ -261,13 +265,36 @@ class PgLineageLock:
                 ),
                 {"m": self.model, "d": doc},
             )
+            self._conn = conn
             try:
                 yield
             finally:
-                conn.execute(sa.text("DELETE FROM cul_lineage_holders WHERE lineage = :m"), {"m": self.model})
+                self._conn = None
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                conn.execute(sa.text("DELETE FROM cul_lineage_holders WHERE lineage = :m"), {"m": self.model})
+        except BaseException:
+            conn.invalidate()  # never hand a session that may still hold the lock back to the pool
+            raise
         finally:
             conn.close()
+
+    def still_held(self) -> bool:
+        """Whether this process's session still holds the lock (inside `hold`): checked before a
+        step registers anything, so a lock lost with its connection never lets two runs register."""
+        if self._conn is None:
+            return False
+        try:
+            return bool(
+                self._conn.execute(
+                    sa.text(  # a bigint advisory key shows as classid (high 32 bits) and objid (low 32)
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND pid = pg_backend_pid() AND classid::bigint = :hi AND objid::bigint = :lo"
+                    ),
+                    {"hi": (self.key >> 32) & 0xFFFFFFFF, "lo": self.key & 0xFFFFFFFF},
+                ).scalar()
+            )
+        except sa.exc.DBAPIError:
+            return False
 
 
 def open_queue(pl: PipelineSettings, catalogue: Catalogue | None = None) -> RequestQueue | SqlQueue:

@@ -177,22 +177,24 @@ class Tracker:
 
     def champion(self) -> ChampionInfo | None:
         """The version the next step starts from, or None (no registered model or no champion)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            mv = self.client.get_model_version_by_alias(self.settings.registered_model, CHAMPION)
-        except MlflowException:
-            return None
-        return self.version_info(int(mv.version))
+        return self._alias(CHAMPION)
 
     def candidate(self) -> ChampionInfo | None:
         """The version the gate accepted last (alias `candidate`), or None."""
+        return self._alias(CANDIDATE)
+
+    def _alias(self, alias: str) -> ChampionInfo | None:
+        """The version `alias` points at; None only when MLflow says the model or the alias does
+        not exist (any other error is raised: a server that is down must not read as "no champion",
+        or the next step would start from the base model)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = self.client.get_model_version_by_alias(self.settings.registered_model, CANDIDATE)
-        except MlflowException:
-            return None
+            mv = self.client.get_model_version_by_alias(self.settings.registered_model, alias)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
         return self.version_info(int(mv.version))
 
     def version_metrics(self, version: int) -> dict[str, float]:
@@ -220,9 +222,6 @@ class Tracker:
         """The registry webhook telling `url` of alias moves (`cul hooks install`); an earlier
         one of this model is replaced. Returns its id."""
         name = f"cul-promotion-{self.settings.registered_model}"
-        for hook in self.client.list_webhooks():
-            if hook.name == name:
-                self.client.delete_webhook(hook.webhook_id)
         hook = self.client.create_webhook(
             name=name,
             url=url,
@@ -230,6 +229,14 @@ class Tracker:
             secret=secret,
             description=f"a champion move of {self.settings.registered_model} starts the next request",
         )
+        page_token = None
+        while True:  # then the earlier ones of this model, so no promotion falls between the two
+            page = self.client.list_webhooks(page_token=page_token)
+            for old in page:
+                if old.name == name and old.webhook_id != hook.webhook_id:
+                    self.client.delete_webhook(old.webhook_id)
+            if not (page_token := page.token):
+                break
         return hook.webhook_id
 
     def fetch_weights(self, version: int, dest: Path) -> Path:

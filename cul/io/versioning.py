@@ -16,6 +16,7 @@ rebasing and retrying when someone pushed in between.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,11 +29,17 @@ class VersioningError(RuntimeError):
     pass
 
 
+def _redact(text: str) -> str:
+    """Git and DVC output without credentials in URLs (https://TOKEN@host/...)."""
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
+
+
 def _run(cmd: list[str], cwd: Path, check: bool = True) -> str:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if check and p.returncode != 0:
-        raise VersioningError(f"{' '.join(cmd[:4])} failed ({p.returncode}):\n{p.stderr.strip() or p.stdout.strip()}")
+        said = _redact(p.stderr.strip() or p.stdout.strip())
+        raise VersioningError(f"{' '.join(cmd[:4])} failed ({p.returncode}):\n{said}")
     return p.stdout.strip()
 
 
@@ -138,8 +145,9 @@ class Versioner:
             )
             if rebased.returncode != 0:
                 self.git("rebase", "--abort", check=False)
-                raise VersioningError(
-                    f"cannot rebase on {remote}/{branch} to push the step's commit: {rebased.stderr.strip()[-500:]}"
-                )
+                said = _redact(rebased.stderr.strip())[-500:]
+                raise VersioningError(f"cannot rebase on {remote}/{branch} to push the step's commit: {said}")
             time.sleep(0.5 * (attempt + 1))
-        raise VersioningError(f"git push to {remote}/{branch} refused {tries} times: {pushed.stderr.strip()[-500:]}")
+        raise VersioningError(
+            f"git push to {remote}/{branch} refused {tries} times: {_redact(pushed.stderr.strip())[-500:]}"
+        )

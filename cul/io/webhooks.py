@@ -39,10 +39,10 @@ class AliasEvent(BaseModel):
     version: int
 
 
-def sign(secret: str, delivery: str, timestamp: str, body: str) -> str:
-    """The `X-MLflow-Signature` value MLflow sends for this delivery."""
-    mac = hmac.new(secret.encode(), f"{delivery}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
+def sign(secret: str, delivery: str, timestamp: str, body: bytes) -> str:
+    """The `X-MLflow-Signature` value MLflow sends for this delivery (HMAC over the raw body)."""
+    signed = f"{delivery}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
 
 
 def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float | None = None) -> dict:
@@ -58,11 +58,10 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float | No
         raise WebhookRejected(f"bad timestamp {timestamp!r}") from e
     if abs(age) > MAX_AGE:
         raise WebhookRejected(f"delivery timestamp is {age:.0f} s off (at most {MAX_AGE:.0f} s): a replay?")
-    text = body.decode("utf-8", errors="replace")
-    if not hmac.compare_digest(sign(secret, delivery, timestamp, text), signature):
+    if not hmac.compare_digest(sign(secret, delivery, timestamp, body).encode(), signature.encode()):
         raise WebhookRejected("signature does not match this receiver's secret")
     try:
-        payload = json.loads(text)
+        payload = json.loads(body)
     except ValueError as e:
         raise WebhookRejected("body is not JSON") from e
     if not isinstance(payload, dict):
