@@ -118,6 +118,13 @@ def test_request_queue_commands(tmp_path):
     retry = runner.invoke(app, ["request", "retry", "r001", "-p", str(params)])
     assert retry.exit_code == 0 and "pending again" in retry.output
     assert RequestQueue(tmp_path / "queue.yaml").get("r001").state == State.pending
+    # a request the dispatcher gave up on (max_tries runs ended without settling it) can be retried,
+    # with a fresh count of tries but its dispatch counter kept (a new dispatch key, a new flow run)
+    RequestQueue(tmp_path / "queue.yaml").update("r001", tries=3, dispatches=3)
+    retry = runner.invoke(app, ["request", "retry", "r001", "-p", str(params)])
+    assert retry.exit_code == 0
+    again = RequestQueue(tmp_path / "queue.yaml").get("r001")
+    assert (again.state, again.tries, again.dispatches) == (State.pending, 0, 3)
 
 
 def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path):
