@@ -65,7 +65,27 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class RequestQueue:
+class QueueReads:
+    """What every queue derives from its `items()` (the YAML file's, the database's)."""
+
+    path: Path | str  # what messages call the queue
+
+    def items(self) -> list[QueuedRequest]:
+        raise NotImplementedError
+
+    def get(self, request_id: str) -> QueuedRequest:
+        for r in self.items():
+            if r.id == request_id:
+                return r
+        raise KeyError(f"no request {request_id!r} in {self.path}")
+
+    def pending(self) -> list[QueuedRequest]:
+        return [r for r in self.items() if r.state in (State.pending, State.in_progress)]
+
+
+class RequestQueue(QueueReads):
+    path: Path
+
     def __init__(self, path: str | Path = "requests/queue.yaml", catalogue: Catalogue | None = None) -> None:
         self.path = Path(path)
         self.catalogue = catalogue  # what requests resolve against (None: the world's)
@@ -87,15 +107,6 @@ class RequestQueue:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, self.path)
-
-    def get(self, request_id: str) -> QueuedRequest:
-        for r in self.items():
-            if r.id == request_id:
-                return r
-        raise KeyError(f"no request {request_id!r} in {self.path}")
-
-    def pending(self) -> list[QueuedRequest]:
-        return [r for r in self.items() if r.state in (State.pending, State.in_progress)]
 
     def add(self, concept: str, kind: str | None = None, note: str = "", by: str | None = None) -> QueuedRequest:
         """Validate against the vocabulary and the queue; refuse duplicates with a clear message."""

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from cul.catalogue import Catalogue
 from cul.io.locks import LineageLock, LockBusy
-from cul.queue import QueuedRequest, RequestQueue, State, new_request
+from cul.queue import QueuedRequest, QueueReads, RequestQueue, new_request
 from cul.world import CATALOGUE
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class SqlQueue:
+class SqlQueue(QueueReads):
     """The request queue of one lineage (registered model) in PostgreSQL; the same interface as
     the YAML `RequestQueue`."""
 
@@ -131,33 +131,19 @@ class SqlQueue:
 
     def items(self) -> list[QueuedRequest]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(requests_table.c.doc).where(requests_table.c.lineage == self.lineage)
-            ).scalars()
-            items = [QueuedRequest.model_validate_json(doc) for doc in rows]
+            return self._items(conn)
+
+    def _items(self, conn: sa.Connection) -> list[QueuedRequest]:
+        rows = conn.execute(sa.select(requests_table.c.doc).where(requests_table.c.lineage == self.lineage)).scalars()
+        items = [QueuedRequest.model_validate_json(doc) for doc in rows]
         return sorted(items, key=lambda r: (len(r.id), r.id))  # r999 before r1000
-
-    def get(self, request_id: str) -> QueuedRequest:
-        for r in self.items():
-            if r.id == request_id:
-                return r
-        raise KeyError(f"no request {request_id!r} in {self.path}")
-
-    def pending(self) -> list[QueuedRequest]:
-        return [r for r in self.items() if r.state in (State.pending, State.in_progress)]
 
     def add(self, concept: str, kind: str | None = None, note: str = "", by: str | None = None) -> QueuedRequest:
         """Validate against the catalogue and the queue, then insert; adds are serialised by a
         table lock, so two people adding at once get distinct ids and no duplicate concept."""
         with self.engine.begin() as conn:
             conn.execute(sa.text("LOCK TABLE cul_requests IN SHARE ROW EXCLUSIVE MODE"))
-            items = [
-                QueuedRequest.model_validate_json(doc)
-                for doc in conn.execute(
-                    sa.select(requests_table.c.doc).where(requests_table.c.lineage == self.lineage)
-                ).scalars()
-            ]
-            item = new_request(items, concept, kind, note, by, self.catalogue or CATALOGUE)
+            item = new_request(self._items(conn), concept, kind, note, by, self.catalogue or CATALOGUE)
             conn.execute(requests_table.insert().values(lineage=self.lineage, id=item.id, **self._row(item)))
             self._event(conn, item)
         return item
