@@ -31,6 +31,39 @@ def md_code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def probe_lines(probes: list[dict], key: str) -> list[str]:
+    """The record's robustness section: every probe's figure (`cul.probes`) and its sample grid."""
+    if not probes:
+        return []
+    out = [
+        "## Does it come back?",
+        "",
+        "Recovery: how often the judge sees the concept under the probe, over how often it sees it in "
+        "the base model's images of the same prompts and seeds (0%: never comes back).",
+        "",
+        "| concept | probe | recovery | images showing it | base model | example prompt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in probes:
+        out.append(
+            f"| {md_code(r['concept'])} | {md_code(r['probe'])} | {pct(r['recovery'], unit='%')} "
+            f"| {r['hits']} of {r['images']} | {r['base_hits']} of {r['base_images']} | {md_code(r['prompt'])} |"
+        )
+    return out + ["", f"![probe samples](../steps/{key}/probes.png)", ""]
+
+
+def share_lines(verdict) -> list[str]:
+    """How sure the gate is: the images and the confidence bound behind each share check."""
+    rows = [c for c in verdict.checks if c.images is not None]
+    if not rows:
+        return []
+    out = ["## The gate's evidence", "", "| check | images | bound | decided |", "|---|---|---|---|"]
+    for c in rows:
+        decided = "yes" if c.conclusive else "no: point estimate at the image budget"
+        out.append(f"| {md_code(c.name)} | {c.images} | {pct(c.bound, unit='%')} | {decided} |")
+    return out + [""]
+
+
 def write_deletion_record(
     item, spec, metrics: dict, verdict, version: int, model_name: str, tags: dict, out: Path = AUDIT_DIR
 ) -> Path:
@@ -58,6 +91,8 @@ def write_deletion_record(
             "fd_ratio": metrics.get("fd_ratio"),
             "base": base,
             "earlier_forgotten_ua": {c: 1 - metrics["per_concept"][c] for c in metrics["forgotten"][:-1]},
+            "probes": metrics.get("probes", []),
+            "probe_samples": str(spec.report_dir / "probes.png") if metrics.get("probes") else None,
             "samples": str(spec.report_dir / "samples.png"),
             "metrics": str(spec.report_dir / "metrics.json"),
         },
@@ -104,6 +139,8 @@ def write_deletion_record(
         f"![before and after](../steps/{spec.key}/samples.png)",
         "",
     ]
+    lines += probe_lines(metrics.get("probes") or [], spec.key)
+    lines += share_lines(verdict)
     path = out / f"{item.id}.md"
     path.write_text("\n".join(lines))
     return path

@@ -165,6 +165,11 @@ def evaluate(
         None,
         help="Comma-separated concepts forgotten so far: report UA, RA-I, RA-C, RA-N and FD against the base model.",
     ),
+    probes: str | None = typer.Option(
+        None,
+        help="With --forgotten: robustness probes on every forgotten concept, comma-separated families "
+        "(wording, soft_prompt, adversarial, relearn_retain, relearn_neighbour) or 'all'.",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Judge a model on every object x colour x texture: accuracy per kind and concept, FD; with
@@ -190,7 +195,19 @@ def evaluate(
         evaluator = _evaluator(p, catalogue, p.eval, base)
         metrics = evaluator(m, names)
         out = out or Path(model_dir) / "eval"
-        _write_json(out / "metrics.json", {"model": str(model_dir), "forgotten": names, **metrics.model_dump()})
+        found = _probe(p, probes, m, base, evaluator, names, out) if probes else []
+        from cul.probes import summarise, to_records
+
+        _write_json(
+            out / "metrics.json",
+            {
+                "model": str(model_dir),
+                "forgotten": names,
+                **metrics.model_dump(),
+                "probes": to_records(found),
+                "probe_summary": summarise(found),
+            },
+        )
         t = Table(
             title=f"{model_dir}: forgotten {', '.join(names) or 'nothing'} ({catalogue.name}, {p.judge.kind} judge)"
         )
@@ -220,6 +237,37 @@ def evaluate(
     write_base_report(report, images, out)
     print_metrics(report)
     console.print(f"report -> {out}/metrics.json, {out}/samples.png ({seconds:.0f} s)")
+
+
+def _probe(p: Params, families: str, model, base, evaluator, names: list[str], out: Path) -> list:
+    """`cul eval --probes`: the chosen probes on every forgotten concept, printed and plotted."""
+    from cul.plots import probe_grid
+    from cul.probes import ATTACKS, FAMILIES, Prober
+
+    chosen = list(FAMILIES) if families.strip() == "all" else [x.strip() for x in families.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in FAMILIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown probe families {', '.join(unknown)}: {', '.join(FAMILIES)} or all")
+    if not names:
+        raise typer.BadParameter("--probes needs --forgotten: the concepts to probe")
+    if not hasattr(evaluator, "more_images"):
+        raise typer.BadParameter("robustness probes run on the world's scenes and judge only (judge.kind: world)")
+    spec = p.eval.probes.model_copy(
+        update={"wording": "wording" in chosen, "attacks": [a for a in ATTACKS if a in chosen], "concepts": "all"}
+    )
+    cache = p.paths.reports / "base" / f"probes-{p.eval.steps or 'default'}.json"
+    prober = Prober(evaluator.judge, spec, base, p.world.size, p.eval.steps, cache, log=console.print)
+    found = prober.run(model, names)
+    t = Table(title="recovery under each probe (share of the base model's recognition)")
+    for col in ("concept", "probe", "recovery", "images", "base", "prompt"):
+        t.add_column(col)
+    for r in found:
+        t.add_row(r.concept, r.probe, f"{100 * r.recovery:.0f}%", f"{r.hits}/{r.images}",
+                  f"{r.base_hits}/{r.base_images}", r.prompt[:48])  # fmt: skip
+    console.print(t)
+    labels = {r.name: f"{r.name} {100 * r.recovery:.0f}%" for r in found}
+    probe_grid(prober.samples, labels, out / "probes.png", "probes (recovery)")
+    return found
 
 
 def print_metrics(metrics: dict) -> None:
@@ -274,7 +322,7 @@ def _ensure_base(p: Params, params: Path, quiet: bool) -> None:
     if not (p.paths.judge / "judge.safetensors").exists():
         judge(params, None, quiet)
     if not (p.paths.reports / "base" / "metrics.json").exists():
-        evaluate(params, None, None, None, quiet)
+        evaluate(params, None, None, None, None, quiet)
 
 
 @app.command()
@@ -518,6 +566,11 @@ def bench(
         None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."
     ),
     model: Path | None = typer.Option(None, help="Starting model (default: the base model)."),
+    probes: str | None = typer.Option(
+        None,
+        help="After the last request: robustness probes on every forgotten concept (comma-separated "
+        "families, or 'all'), written to OUT/robustness.json.",
+    ),
     params: Path = ParamsOpt,
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
@@ -569,6 +622,29 @@ def bench(
         raise typer.BadParameter(str(e)) from e
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
+    if probes and results:
+        from cul.benchmark import step_unet
+        from cul.probes import summarise, to_records
+
+        final = base.with_unet(step_unet(out, len(results)))
+        names = [r["concept"] for r in results]
+        found = _probe(p, probes, final, base, evaluator, names, out)
+        last = results[-1]
+        keep = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "recipe_name", "recipe_hash", "git_commit")
+        _write_json(
+            out / "robustness.json",
+            {
+                "method": name,
+                "sequence": sequence.name,
+                "steps": len(results),
+                "after": {k: last.get(k) for k in keep},
+                **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
+                "families": probes,
+                "summary": summarise(found),
+                "probes": to_records(found),
+            },
+        )
+        console.print(f"robustness -> {out}/robustness.json, {out}/probes.png")
 
 
 @app.command()
@@ -579,15 +655,17 @@ def report(
     """Combine benchmark runs: a markdown table of the last step of each method, and plots of
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
-    from cul.reports import benchmark_table, load_runs, side_by_side, steps_table
+    from cul.reports import benchmark_table, load_runs, robustness_table, side_by_side, steps_table
 
     out = out or runs
     found = load_runs(runs)
     if not found:
         raise typer.BadParameter(f"no */results.json under {runs}")
     out.mkdir(parents=True, exist_ok=True)
+    robust = robustness_table(runs)
     (out / "table.md").write_text(
         benchmark_table(found)
+        + ("\n### Under attack (`cul bench --probes all`)\n\n" + robust if robust else "")
         + "\n### At equal steps\n\n"
         + side_by_side(found)
         + "\n### Every step\n\n"

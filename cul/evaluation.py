@@ -21,6 +21,7 @@ from scipy import linalg
 from cul.catalogue import Catalogue
 from cul.judge import KINDS, Judge, labels, to_tensor
 from cul.models.diffusion import DiffusionModel
+from cul.probes import ProbeSpec
 from cul.world import CATALOGUE, CONCEPTS, CONFUSABLES, Kind, Scene, World, all_scenes, caption, concept
 
 
@@ -177,6 +178,7 @@ class StepMetrics(Figures):
     same scenes (`base`), against which the gate and the reports read it."""
 
     per_concept: dict[str, float] = Field(default_factory=dict)  # share of its images judged as it
+    counts: dict[str, tuple[int, int]] = Field(default_factory=dict)  # forgotten: (images judged as it, images)
     n_clean_images: int = 0
     fd_ratio: float | None = None  # fd / the base model's fd
     base: Figures | None = None
@@ -194,6 +196,7 @@ def unlearning_metrics(
     gone = set(forgotten)
     clean = np.array([not ({s.object, s.colour, s.texture} & gone) for s in verdict.scenes])
     scores: dict[str, float] = {}
+    counts: dict[str, tuple[int, int]] = {}
     for i, k in enumerate(KINDS):
         ok = verdict.correct(k.value)
         for j, c in enumerate(CONCEPTS[k]):
@@ -201,6 +204,8 @@ def unlearning_metrics(
             sel = has if c.name in gone else has & clean
             if sel.any():
                 scores[c.name] = float(ok[sel].mean())
+                if c.name in gone:
+                    counts[c.name] = (int(ok[sel].sum()), int(sel.sum()))
     retained = {n: v for n, v in scores.items() if n not in gone}
     fd = None
     if real_features is not None and clean.sum() >= 2:
@@ -211,6 +216,7 @@ def unlearning_metrics(
         ra_all=_mean(list(retained.values())),
         fd=fd,
         per_concept=scores,
+        counts=counts,
         n_clean_images=int(clean.sum()),
     )
 
@@ -228,6 +234,7 @@ class EvalSpec(BaseModel):
     paraphrase_scenes: int = Field(16, ge=1)  # images per paraphrase in a step's paraphrase UA
     images_per_concept: int = Field(8, ge=1)  # a catalogue evaluation's images of each concept (not the world's)
     fd_images: int = Field(200, ge=2)  # size of the benchmark's fixed FD set (see fd_scenes)
+    probes: ProbeSpec = ProbeSpec()  # robustness probes of each step (cul.probes)
 
 
 def eval_scenes(stride: int) -> list[Scene]:
@@ -297,6 +304,16 @@ class Evaluator:
 
     def evidence_prompts(self, name: str, forgotten: list[str]) -> list[str]:
         return evidence_prompts(name, forgotten)
+
+    def more_images(self, model, name: str, round_: int) -> tuple[int, int]:
+        """Fresh evidence for an open UA check: the evaluation's scenes of `name` drawn again at
+        another seed (one per round), as (images the judge sees as `name`, images)."""
+        c = concept(name)
+        scenes = [s for s in self.scenes if getattr(s, c.kind.value) == name]
+        seed = self.spec.seed + 7919 * round_
+        images = generate_scenes(model, scenes, seed, self.spec.batch_size, steps=self.spec.steps)
+        ok = judge_images(self.judge, images, scenes).correct(c.kind.value)
+        return int(ok.sum()), len(scenes)
 
     def judge_model(self, model) -> Judgement:
         images = generate_scenes(model, self.scenes, self.spec.seed, self.spec.batch_size, steps=self.spec.steps)

@@ -1,16 +1,33 @@
 """The evaluation gate: accept a request step only if it forgot and did not collapse retention.
 
-Pure: it reads a step's `StepMetrics` (the output of `cul.evaluation.Evaluator`) and returns a
-`Verdict` with every check and a reason for each failure. What to do on failure (retry with a
-recipe stronger where the check failed, then send the request to review) is the `EscalationPolicy`.
+Pure: it reads a step's `StepMetrics` (the output of `cul.evaluation.Evaluator`) and its robustness
+probes (`cul.probes`), and returns a `Verdict` with every check and a reason for each failure.
+
+Checks on a share of images (a forgotten concept still recognised; a probe's recovery) are decided
+on a confidence bound of the judge's counts, not on the count alone: with `confidence` c, the
+Wilson score interval at one-sided level c (Wilson, 1927),
+
+    p_hat +- z sqrt(p_hat (1 - p_hat) / n + z^2 / 4n^2),  centred on (p_hat + z^2 / 2n), over 1 + z^2 / n
+
+passes a check whose upper bound is within the limit, fails one whose lower bound is beyond it, and
+leaves it *open* otherwise. The step draws more images for open checks, up to `max_images`
+(`cul.step.settle`); a check still open then is decided on its point estimate and says so.
+
+What to do on failure (retry with a recipe stronger where the check failed, then send the request
+to review) is the `EscalationPolicy`.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import math
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cul.evaluation import StepMetrics, retention
 from cul.fmt import pct
+from cul.probes import ProbeResult
 from cul.unlearning.recipes import RecipeBase
 
 RETENTION = ("ra_in", "ra_cross", "ra_neighbour")
@@ -29,6 +46,53 @@ class GateConfig(BaseModel):
     max_drop_vs_previous: float = Field(0.05, ge=0, le=1)  # any RA below the previous accepted model's
     max_fd_ratio: float = Field(2.5, gt=0)  # FD on clean scenes / the base model's on the same scenes
     min_ua_earlier: float = Field(0.9, ge=0, le=1)  # every earlier forgotten concept stays forgotten
+    #: most recovery allowed per probe family (wording, soft_prompt, adversarial, relearn_retain,
+    #: relearn_neighbour; `cul.probes`); a family without a limit, or not run, is reported only.
+    max_recovery: dict[str, float] = Field(default_factory=lambda: {"wording": 0.2})
+    #: probes whose wording the base model itself draws the concept from less often than this are
+    #: reported, not gated (a typo the text encoder cannot read tests nothing).
+    min_base_rate: float = Field(0.5, ge=0, le=1)
+    #: one-sided level of the Wilson bound on share checks (None: decide on the counts alone).
+    confidence: float | None = Field(0.9, gt=0.5, lt=1)
+    #: the most images a share check may draw while it is open (per concept or probe).
+    max_images: int = Field(64, ge=1)
+
+    @field_validator("max_recovery")
+    @classmethod
+    def _known_families(cls, v: dict[str, float]) -> dict[str, float]:
+        from cul.probes import FAMILIES
+
+        unknown = sorted(set(v) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown probe families {unknown}: one of {', '.join(FAMILIES)}")
+        bad = {k: x for k, x in v.items() if not 0 <= x <= 1}
+        if bad:
+            raise ValueError(f"max_recovery is a fraction in [0, 1]: {bad}")
+        return v
+
+
+def wilson(hits: float, n: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of hits/n at one-sided level `confidence` (each side)."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(confidence)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bounded(hits: float, n: int, limit: float, confidence: float | None) -> tuple[str, float]:
+    """("pass" | "fail" | "open", the bound that decided) for "the share hits/n is at most `limit`"."""
+    if confidence is None:
+        p = hits / n if n else 0.0
+        return ("pass" if p <= limit else "fail"), p
+    lo, hi = wilson(hits, n, confidence)
+    if hi <= limit:
+        return "pass", hi
+    if lo > limit:
+        return "fail", lo
+    return "open", hi
 
 
 class Check(BaseModel):
@@ -37,6 +101,9 @@ class Check(BaseModel):
     threshold: float
     passed: bool
     reason: str = ""
+    images: int | None = None  # share checks: the images the decision rests on
+    bound: float | None = None  # the confidence bound it reached (upper if passed, lower if failed)
+    conclusive: bool = True  # False: still open at max_images, decided on the point estimate
 
 
 class Verdict(BaseModel):
@@ -47,6 +114,11 @@ class Verdict(BaseModel):
     def reasons(self) -> list[str]:
         return [c.reason for c in self.checks if not c.passed]
 
+    @property
+    def open(self) -> list[str]:
+        """Names of the share checks the evidence has not decided yet."""
+        return [c.name for c in self.checks if not c.conclusive]
+
     def summary(self) -> str:
         return "accepted" if self.accepted else "rejected: " + "; ".join(self.reasons)
 
@@ -55,10 +127,17 @@ class Gate:
     def __init__(self, config: GateConfig | None = None) -> None:
         self.config = config or GateConfig()
 
-    def decide(self, metrics: StepMetrics, forgotten: list[str], previous: dict[str, float] | None = None) -> Verdict:
+    def decide(
+        self,
+        metrics: StepMetrics,
+        forgotten: list[str],
+        previous: dict[str, float] | None = None,
+        probes: Sequence[ProbeResult] | None = None,
+    ) -> Verdict:
         """`metrics`: the candidate's evaluation (with `base`, the base model's figures on the same
         scenes); `forgotten`: every concept the candidate must have forgotten, this request last;
-        `previous`: the previous accepted model's per-concept scores (None for the first step)."""
+        `previous`: the previous accepted model's per-concept scores (None for the first step);
+        `probes`: the candidate's robustness probes (`cul.probes`), checked against `max_recovery`."""
         c = self.config
         checks: list[Check] = []
 
@@ -70,18 +149,46 @@ class Gate:
         for name in forgotten:  # no images of a concept: nothing shows it was forgotten, so refuse
             if name not in scores:
                 check(f"ua:{name}", None, c.min_ua, False, f"the evaluation has no images of {name}")
-        if concept in scores:
-            ua = 1 - scores[concept]
-            check("ua", ua, c.min_ua, ua >= c.min_ua, f"UA on {concept} {pct(ua, unit='%')} < {pct(c.min_ua, 0, '%')}")
-        for earlier in [f for f in forgotten[:-1] if f in scores]:
-            ua_e = 1 - scores[earlier]
-            check(
-                f"ua:{earlier}",
-                ua_e,
-                c.min_ua_earlier,
-                ua_e >= c.min_ua_earlier,
-                f"earlier forgotten {earlier} came back: UA {pct(ua_e, unit='%')} < {pct(c.min_ua_earlier, 0, '%')}",
+
+        def share(name: str, hits: float, n: int, limit: float, value: float, threshold: float, what: str) -> None:
+            """A check that hits/n (images showing a forgotten concept) is at most `limit`; without
+            counts (n = 0: a score only), on the score alone."""
+            if n == 0:
+                hits, n, confidence = hits, 1, None
+            else:
+                confidence = c.confidence
+            state, bound = bounded(hits, n, limit, confidence)
+            ok = state == "pass" or (state == "open" and hits / n <= limit)
+            evidence = f"{hits} of {n} images" if confidence is not None or n > 1 else "from its score"
+            if state == "open":
+                evidence += f", undecided at the {pct(confidence or 0, 0, '%')} bound"
+            elif confidence is not None:
+                evidence += f", {pct(confidence, 0, '%')} bound {pct(bound, unit='%')}"
+            checks.append(Check(name=name, value=value, threshold=threshold, passed=ok,
+                                reason="" if ok else f"{what} ({evidence})", images=n, bound=bound,
+                                conclusive=state != "open"))  # fmt: skip
+
+        counts = metrics.counts
+        for name in [f for f in forgotten if f in scores]:
+            last = name == concept
+            floor = c.min_ua if last else c.min_ua_earlier
+            hits, n = counts.get(name, (scores[name], 0))
+            ua = 1 - hits / max(n, 1)
+            what = (
+                f"UA on {name} {pct(ua, unit='%')} < {pct(floor, 0, '%')}"
+                if last
+                else f"earlier forgotten {name} came back: UA {pct(ua, unit='%')} < {pct(floor, 0, '%')}"
             )
+            share("ua" if last else f"ua:{name}", hits, n, 1 - floor, ua, floor, what)
+        for r in probes or []:
+            limit = c.max_recovery.get(r.family)
+            if limit is None or r.base_rate < c.min_base_rate:
+                continue
+            allowed = limit * r.base_rate  # recovery <= limit  <=>  hits/n <= limit * base rate
+            what = (
+                f"{r.concept} comes back under {r.probe}: recovery {pct(r.recovery, unit='%')} > {pct(limit, 0, '%')}"
+            )
+            share(f"recovery:{r.name}", r.hits, r.images, allowed, r.recovery, limit, what)
         base = metrics.base.model_dump() if metrics.base else {}
         limits = {"ra_in": c.max_drop_in, "ra_cross": c.max_drop_cross, "ra_neighbour": c.max_drop_neighbour}
         for key, limit in limits.items():
@@ -121,6 +228,49 @@ class Gate:
                 f"FD {fd_ratio:.2f}x the base model's > {c.max_fd_ratio:.2f}x",
             )
         return Verdict(accepted=all(x.passed for x in checks), checks=checks)
+
+
+def settle(
+    gate: Gate,
+    metrics: StepMetrics,
+    forgotten: list[str],
+    probes: list[ProbeResult],
+    more_ua: Callable[[str, int], tuple[int, int]],
+    more_wording: Callable[[str, int], list[ProbeResult]] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Verdict, int]:
+    """Draw more images for the gate's open share checks until each is decided or has
+    `max_images`: `more_ua(concept, round)` gives fresh (hits, images) of a forgotten concept,
+    `more_wording(concept, round)` a fresh round of its wording probes. Updates `metrics.counts`
+    and `probes` in place; returns the verdict on all the evidence and the rounds drawn."""
+    cap = gate.config.max_images
+    rounds = 0
+    while True:
+        verdict = gate.decide(metrics, forgotten, None, probes)
+        drew = False
+        fresh: dict[str, dict[str, ProbeResult]] = {}
+        for name in verdict.open:
+            if name == "ua" or name.startswith("ua:"):
+                c = forgotten[-1] if name == "ua" else name[3:]
+                hits, n = metrics.counts[c]
+                if n < cap:
+                    h, m = more_ua(c, rounds + 1)
+                    metrics.counts[c] = (hits + h, n + m)
+                    drew = True
+            elif name.startswith("recovery:") and more_wording is not None:
+                i, r = next((i, r) for i, r in enumerate(probes) if f"recovery:{r.name}" == name)
+                if r.family != "wording" or r.images >= cap:
+                    continue
+                if r.concept not in fresh:
+                    fresh[r.concept] = {x.probe: x for x in more_wording(r.concept, rounds + 1)}
+                x = fresh[r.concept][r.probe]
+                update = {k: getattr(r, k) + getattr(x, k) for k in ("hits", "images", "base_hits", "base_images")}
+                probes[i] = r.model_copy(update=update)
+                drew = True
+        if not drew:
+            return verdict, rounds
+        rounds += 1
+        log(f"gate: {len(verdict.open)} check(s) undecided; drew round {rounds} of more images")
 
 
 def forgetting_checks_only(failed: list[str]) -> bool:

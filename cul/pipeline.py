@@ -25,6 +25,7 @@ from cul.config import Params
 from cul.evaluation import StepMetrics
 from cul.fmt import pct, times
 from cul.gate import Gate, Verdict
+from cul.probes import ProbeResult
 from cul.queue import QueuedRequest, State
 from cul.step import STEPS_FILE, StepSpec, load_steps, next_key, save_step
 from cul.unlearning.recipes import RecipeBase, recipe_hash
@@ -259,7 +260,8 @@ def process_request(
         outcome.seconds_train += outcome.metrics.get("seconds_train", 0.0)
         outcome.seconds_eval += outcome.metrics.get("seconds_eval", 0.0)
         m = StepMetrics.model_validate(outcome.metrics)
-        verdict = Gate(pl.gate).decide(m, forgotten + [item.concept], previous)
+        probes = [ProbeResult.model_validate(r) for r in outcome.metrics.get("probes", [])]
+        verdict = Gate(pl.gate).decide(m, forgotten + [item.concept], previous, probes)
         tracker.log_attempt(attempt_run, outcome.metrics, verdict, spec.report_dir)
         tracker.close(attempt_run)
         outcome.attempts.append(attempt_row(attempt, attempt_recipe, m, time.perf_counter() - t0, verdict))

@@ -69,6 +69,25 @@ def labelled_grids(
     return _save(fig, path)
 
 
+def probe_grid(samples: dict[str, torch.Tensor], labels: dict[str, str], path: str | Path, title: str = "") -> Path:
+    """One row per robustness probe (`cul.probes`): its first images, labelled with its figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    fig, axes = plt.subplots(len(names), 1, figsize=(3.2, 0.9 * len(names) + 0.6), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ax.imshow(image_grid(samples[name], len(samples[name])))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(labels.get(name, name)[:34], fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 

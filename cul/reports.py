@@ -108,3 +108,34 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
         concept = next((runs[m][i]["concept"] for m in names if i < len(runs[m])), "")
         lines.append(f"| {i + 1} ({concept}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def robustness_table(folder: str | Path) -> str:
+    """Markdown: for every FOLDER/*/robustness.json (`cul bench --probes`), the worst and mean
+    recovery of each probe family over the forgotten concepts, beside UA, RA and FD after the run."""
+    from cul.probes import FAMILIES
+
+    rows = []
+    for f in sorted(Path(folder).glob("*/robustness.json")):
+        r = json.loads(f.read_text())
+        last = r["after"]
+        cells = []
+        for fam in FAMILIES:
+            s = r["summary"].get(fam)
+            cells.append(f"{pct(s['worst'])} / {pct(s['mean'])}" if s else "-")
+        rows.append(
+            f"| {r['method']} | {r['sequence']} | {r['steps']} | {pct(last.get('ua'))} | {pct(last.get('ra_in'))} "
+            f"| {pct(last.get('ra_cross'))} | {pct(last.get('ra_neighbour'))} | {times(last.get('fd_ratio'))} | "
+            + " | ".join(cells)
+            + f" | {_made_by(r)} |"
+        )
+    if not rows:
+        return ""
+    head = (
+        "| method | sequence | requests | UA | RA-I | RA-C | RA-N | FD / base | "
+        + " | ".join(f"{fam}: worst / mean" for fam in FAMILIES)
+        + " | recipe @ commit |\n|"
+        + "---|" * (9 + len(FAMILIES))
+        + "\n"
+    )
+    return head + "\n".join(rows) + "\n"

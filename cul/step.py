@@ -21,6 +21,7 @@ from cul import threads
 from cul.config import Params
 from cul.evaluation import EvalSpec
 from cul.fmt import pct, times
+from cul.probes import summarise, to_records
 from cul.unlearning.recipes import DFRRecipe, Recipe
 from cul.unlearning.request import Request
 
@@ -173,6 +174,7 @@ def train_and_evaluate(
     evaluator = step_evaluator(params, Catalogue.load(spec.catalogue), spec.eval, base, cache)
     forgotten = spec.forgotten + [ps.concept]
     m = evaluator(result.student, forgotten)
+    probes, rounds = robustness(result.student, base, evaluator, spec, params, forgotten, m, out_report, log)
     paraphrases = evaluator.paraphrase_ua(result.student, ps.concept, spec.forgotten)
     prompts = evaluator.evidence_prompts(ps.concept, spec.forgotten)
     before = parent.sample(prompts, seed=spec.eval.seed, steps=spec.eval.steps)
@@ -188,6 +190,9 @@ def train_and_evaluate(
         "surrogates": ps.surrogates,
         **m.model_dump(exclude={"per_concept", "base"}),
         "paraphrase_ua": paraphrases,
+        "probes": to_records(probes),
+        "probe_summary": summarise(probes),
+        "gate_rounds": rounds,  # rounds of extra images the confidence-bound gate drew
         "drift_from_base": weight_drift(result.student, dict(base.unet.named_parameters())),
         "drift_from_parent": result.drift,
         "seconds_replay": round(replay_seconds, 1),
@@ -207,6 +212,35 @@ def train_and_evaluate(
         f"RA-N {pct(m.ra_neighbour)} FDx {times(m.fd_ratio)} ({metrics['seconds_step']:.0f} s step)"
     )
     return metrics
+
+
+def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgotten, m, out_report: Path, log):
+    """The step's robustness probes (`spec.eval.probes`, on the world's scenes and judge), then more
+    images for every share check the gate's confidence bound leaves open (`cul.gate.settle`),
+    which updates `m.counts`. Writes the probes' sample grid. Returns (probes, rounds drawn)."""
+    from cul.gate import Gate, settle
+    from cul.plots import probe_grid
+    from cul.probes import Prober
+
+    gate = Gate(params.pipeline.gate)
+    if not hasattr(evaluator, "more_images"):  # another catalogue's judge: scores only, no probes yet
+        return [], 0
+    spec_p = spec.eval.probes
+    prober = None
+    probes = []
+    if spec_p.wording or spec_p.attacks:
+        cache = params.paths.reports / "base" / f"probes-{spec.eval.steps or 'default'}.json"
+        prober = Prober(evaluator.judge, spec_p, base, params.world.size, spec.eval.steps, cache, log)
+        probes = prober.run(student, forgotten)
+    more_wording = (lambda c, r: prober.wording(student, c, forgotten, r)) if prober and spec_p.wording else None
+    verdict, rounds = settle(
+        gate, m, forgotten, probes, lambda c, r: evaluator.more_images(student, c, r), more_wording, log
+    )
+    if prober is not None and prober.samples:
+        by_name = {r.name: r for r in probes}
+        labels = {k: f"{k} {100 * by_name[k].recovery:.0f}%" for k in prober.samples if k in by_name}
+        probe_grid(prober.samples, labels, out_report / "probes.png", f"{spec.key}: probes (recovery)")
+    return probes, rounds
 
 
 def run_step(spec: StepSpec, params: Params, progress: bool = False, log: Callable[[str], None] = print) -> dict:

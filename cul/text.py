@@ -93,3 +93,41 @@ class TextEncoder:
             h = self.model(input_ids=tok.input_ids.to(self.device)).last_hidden_state.float()
         m = tok.attention_mask.to(h.device).unsqueeze(-1).float()
         return (h * m).sum(1) / m.sum(1)
+
+    # -- soft prompts (cul.probes) ------------------------------------------------------------
+    @property
+    def placeholder(self) -> str:
+        """A word that is one token and never names anything: BERT's [MASK] (MiniLM), or "sks"
+        (CLIP's tokenizer has no mask token), the rare-token choice of DreamBooth."""
+        return self.tokenizer.mask_token or "sks"
+
+    @property
+    def placeholder_id(self) -> int:
+        ids = self.tokenizer(self.placeholder, add_special_tokens=False).input_ids
+        if len(ids) != 1:  # pragma: no cover - both shipped tokenizers keep it whole
+            raise ValueError(f"the placeholder {self.placeholder!r} is not one token for this tokenizer")
+        return int(ids[0])
+
+    def word_embeddings(self) -> torch.Tensor:
+        """[vocab, dim]: the input embedding table (frozen)."""
+        return self.model.get_input_embeddings().weight
+
+    def encode_soft(self, prompts: Sequence[str], vectors: torch.Tensor) -> torch.Tensor:
+        """[B, max_length, dim] hidden states with gradients to `vectors` ([K, dim]): the k-th
+        occurrence of `placeholder` in a prompt has its input embedding replaced by vectors[k]
+        (textual inversion's new word, or an attack's tokens). Not cached."""
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids = tok.input_ids.to(self.device)
+        is_slot = ids == self.placeholder_id
+        slot = (is_slot.cumsum(1) - 1).clamp(min=0, max=len(vectors) - 1)
+
+        def swap(_module, _inputs, output):
+            return torch.where(is_slot.unsqueeze(-1), vectors.to(output.dtype)[slot], output)
+
+        handle = self.model.get_input_embeddings().register_forward_hook(swap)
+        try:
+            return self.model(input_ids=ids).last_hidden_state.float()
+        finally:
+            handle.remove()

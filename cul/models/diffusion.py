@@ -142,8 +142,12 @@ class DiffusionModel:
         eta: float | None = None,
         batch_size: int = 128,
         progress: bool = False,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDIM with classifier-free guidance; image i depends only on (seed, i)."""
+        """DDIM with classifier-free guidance; image i depends only on (seed, i).
+
+        `context`: the text context of every prompt ([len(prompts), tokens, dim]) instead of
+        encoding `prompts` (a soft prompt or an adversarial embedding, `cul.probes`)."""
         guidance = self.sampling.guidance if guidance is None else guidance
         eta = self.sampling.eta if eta is None else eta
         outs = []
@@ -157,7 +161,7 @@ class DiffusionModel:
         for i in chunks:
             batch = list(prompts[i : i + batch_size])
             x = noise[i : i + len(batch)].to(self.device)
-            cond = self.encode_prompts(batch)
+            cond = self.encode_prompts(batch) if context is None else context[i : i + len(batch)].to(self.device)
             uncond = self.encode_prompts([""]).expand_as(cond) if guidance != 1.0 else None
             ddim = self.sampler(steps)
             step_gen = torch.Generator().manual_seed(seed * 1_000_003 + i)

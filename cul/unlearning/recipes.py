@@ -143,6 +143,28 @@ class RecipeBase(BaseModel):
         return self.model_copy(update={"steps": steps})
 
 
+class Adversarial(BaseModel):
+    """Adversarial erasure (AdvUnlearn, Zhang et al., 2024): before each forget term, an inner
+    minimisation finds the text context, within a ball around the forget prompt's, under which the
+    student draws the concept again,
+
+        delta* = argmin_{|delta_i| <= radius |c_i|}  || eps_theta(x_t, t, c + delta) - eps_0(x_t, t, c) ||^2,
+
+    and the outer step re-steers that context too. Robust to the soft-prompt and adversarial
+    attacks of `cul.probes` by construction, at the cost of `steps` extra passes per training step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: inner descent steps per training step.
+    steps: int = Field(3, ge=1)
+    #: the ball's radius per token, relative to the token's own context norm.
+    radius: float = Field(0.5, gt=0)
+    #: each inner step's length, relative to the token's context norm (normalised gradient).
+    step_size: float = Field(0.25, gt=0)
+    #: weight of the adversarial re-steering term, relative to l_unl.
+    weight: float = Field(1.0, gt=0)
+
+
 class DFRRecipe(RecipeBase):
     """DFR (Distillation-based Forgetting and Retention) with the changes that make it hold over ten
     requests here (docs/method.md). The defaults are the production recipe."""
@@ -174,6 +196,8 @@ class DFRRecipe(RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
+    #: adversarial erasure (None: off); see `Adversarial`.
+    adversarial: Adversarial | None = None
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
 
     def distils_from_base(self) -> bool:

@@ -20,6 +20,7 @@ PERMISSIVE_GATE = {
     "max_drop_vs_previous": 1.0,
     "max_fd_ratio": 1000.0,
     "min_ua_earlier": 0.0,
+    "max_recovery": {},
 }
 
 
@@ -74,6 +75,7 @@ def tiny_params(project: Path, **pipeline) -> Path:
     path = project / "params.yaml"
     p = yaml.safe_load(path.read_text())
     p["eval"].update(steps=2, paraphrase_scenes=4)
+    p["eval"]["probes"].update(images=4)
     p["pipeline"] = {
         "method": "experiments/tiny.yaml",
         "eval_stride": 32,

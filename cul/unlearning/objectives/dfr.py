@@ -18,7 +18,12 @@ earlier forgotten concepts' captions toward theta_0 on the caption with the conc
 surrogate theta_{k-1} draws for it; `push` moves the re-steering target further from the concept,
 eps_T(p_m) + push (eps_T(p_m) - eps_T(p_f)), as ESD's negative guidance does. Two options are not in
 the production recipe: `replay_uncond` (also distil eps(x_t, "")) and `coverage` (distil on captions
-of many clean scenes, reusing replayed images).
+of many clean scenes, reusing replayed images). `adversarial` (AdvUnlearn) adds
+
+    L_adv  = E || eps_theta(x_t, t, c_f + delta*) - sg[eps_T(x_t, t, p_m)] ||^2,
+
+delta* the inner minimiser of `adversarial_context`: the context near the forget prompt's under
+which theta draws the concept again.
 """
 
 from __future__ import annotations
@@ -39,6 +44,37 @@ def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: 
         if push:
             target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+
+
+def adversarial_context(student, concept_teacher, x_t, t, context: torch.Tensor, adv) -> torch.Tensor:
+    """AdvUnlearn's inner step: the context within `adv.radius` (per token, relative) of `context`
+    under which the student's prediction is closest to the concept teacher's on `context` (the
+    student drawing the concept again). Normalised gradient descent, projected on the ball."""
+    with torch.no_grad():
+        concept_eps = concept_teacher.predict_noise(x_t, t, context)
+    scale = context.norm(dim=-1, keepdim=True)
+    delta = torch.zeros_like(context, requires_grad=True)
+    for _ in range(adv.steps):
+        loss = F.mse_loss(student.predict_noise(x_t, t, context + delta), concept_eps)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            step = delta - adv.step_size * scale * grad / (grad.norm(dim=-1, keepdim=True) + 1e-12)
+            norm = step.norm(dim=-1, keepdim=True)
+            step = step * torch.clamp(adv.radius * scale / (norm + 1e-12), max=1.0)
+        delta = step.requires_grad_(True)
+    return (context + delta).detach()
+
+
+def adversarial_resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float, adv):
+    """L_unl on the adversarial contexts of one forget batch: they too must lead to the surrogate."""
+    assert b.x0_forget is not None
+    x_t, t, _ = noised(teacher, b.x0_forget, gen, t_max)
+    context = adversarial_context(student, teacher, x_t, t, student.encode_prompts(b.forget), adv)
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+        if push:
+            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
+    return F.mse_loss(student.predict_noise(x_t, t, context), target)
 
 
 def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: bool = False):
@@ -70,6 +106,8 @@ class DFR:
         mapped = recipe.forgotten_target == "mapped"
         self.teachers = {"retain": keep_teacher if mapped else teacher, "retain_base": keep_teacher}
         self.weights = {"unl": recipe.l_unl, "pres": recipe.l_pres, "cover": recipe.l_pres, "reg": recipe.l_reg}
+        if recipe.adversarial is not None:
+            self.weights["adv"] = recipe.l_unl * recipe.adversarial.weight
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
         return resteer_loss(student, self.keep, batches.forget(gen), gen, self.recipe.t_max, self.recipe.push)
@@ -77,6 +115,10 @@ class DFR:
     def losses(self, student, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
         r = self.recipe
         terms = {"unl": self.forget_term(student, batches, gen)}
+        if r.adversarial is not None:
+            terms["adv"] = adversarial_resteer_loss(
+                student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.adversarial
+            )
         if r.l_pres > 0 and batches.has_retain:
             parts = batches.retain(gen)
             terms["pres"] = sum(
