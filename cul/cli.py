@@ -562,6 +562,9 @@ def bench(
     ),
     out: Path | None = typer.Option(None, help="Output folder (default reports/benchmark/NAME)."),
     max_steps: int | None = typer.Option(None, min=1, help="Stop after this many requests."),
+    order_seed: int | None = typer.Option(
+        None, help="Shuffle the sequence's order with this seed (default folder NAME-orderSEED)."
+    ),
     stride: int | None = typer.Option(
         None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."
     ),
@@ -589,7 +592,13 @@ def bench(
     except (RecipeError, BenchmarkError) as e:
         raise typer.BadParameter(str(e)) from e
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
-    out = out or p.paths.reports / "benchmark" / name
+    folder = name
+    if order_seed is not None:
+        import numpy as np
+
+        requests = [requests[i] for i in np.random.default_rng(order_seed).permutation(len(requests))]
+        folder = f"{name}-order{order_seed}"
+    out = out or p.paths.reports / "benchmark" / folder
     base = _model(model or p.paths.base_model)
     catalogue = p.pipeline.concept_catalogue()
     if uses_world_scenes(catalogue, p.judge.kind):

@@ -226,6 +226,7 @@ def process_request(
         recipe_name=name,
         recipe=recipe,
         eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
+        gate=pl.gate,
         seed=int(key[1:]),
     )
     code_rev = versioner.head()

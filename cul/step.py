@@ -21,6 +21,7 @@ from cul import threads
 from cul.config import Params
 from cul.evaluation import EvalSpec
 from cul.fmt import pct, times
+from cul.gate import GateConfig
 from cul.probes import summarise, to_records
 from cul.unlearning.recipes import DFRRecipe, Recipe
 from cul.unlearning.request import Request
@@ -41,6 +42,7 @@ class StepSpec(BaseModel):
     recipe: Recipe = Field(default_factory=DFRRecipe)  # after escalation
     attempt: int = 0
     eval: EvalSpec = EvalSpec()
+    gate: GateConfig = GateConfig()  # its share checks decide how many images the step draws
     seed: int = 1
 
     @property
@@ -191,7 +193,7 @@ def train_and_evaluate(
         **m.model_dump(exclude={"per_concept", "base"}),
         "paraphrase_ua": paraphrases,
         "probes": to_records(probes),
-        "probe_summary": summarise(probes),
+        "probe_summary": summarise(probes, spec.gate.min_base_rate),
         "gate_rounds": rounds,  # rounds of extra images the confidence-bound gate drew
         "drift_from_base": weight_drift(result.student, dict(base.unet.named_parameters())),
         "drift_from_parent": result.drift,
@@ -222,7 +224,7 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     from cul.plots import probe_grid
     from cul.probes import Prober
 
-    gate = Gate(params.pipeline.gate)
+    gate = Gate(spec.gate)
     if not hasattr(evaluator, "more_images"):  # another catalogue's judge: scores only, no probes yet
         return [], 0
     spec_p = spec.eval.probes

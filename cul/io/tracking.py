@@ -119,6 +119,10 @@ class Tracker:
             self.mlflow.log_metrics({k: float(v) for k, v in scalars.items()})
             for word, ua in (metrics.get("paraphrase_ua") or {}).items():
                 self.mlflow.log_metric(f"paraphrase_ua.{word.replace(' ', '_')}", ua)
+            for family, summary in (metrics.get("probe_summary") or {}).items():  # cul.probes: worst per family
+                self.mlflow.log_metric(f"recovery_worst.{family}", summary["worst"])
+            if metrics.get("probes"):
+                self.mlflow.log_dict({"probes": metrics["probes"]}, "probes.json")
             for row in metrics.get("history", []):
                 self.mlflow.log_metrics({f"train.{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
             self.mlflow.log_metric("gate_accepted", float(verdict.accepted))
