@@ -633,6 +633,7 @@ def bench(
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
     if probes and results:
         from cul.benchmark import step_unet
+        from cul.io.provenance import code_revision
         from cul.probes import summarise, to_records
 
         final = base.with_unet(step_unet(out, len(results)))
@@ -648,6 +649,8 @@ def bench(
                 "steps": len(results),
                 "after": {k: last.get(k) for k in keep},
                 **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
+                "probed_at": dict(zip(("git_commit", "git_dirty"), code_revision("."), strict=True)),
+                "probe_spec": p.eval.probes.model_dump(mode="json"),
                 "families": probes,
                 "summary": summarise(found),
                 "probes": to_records(found),

@@ -318,15 +318,29 @@ class Prober:
         def project(x: torch.Tensor) -> torch.Tensor:
             return usable[torch.cdist(x.detach(), vocab).argmin(1)]
 
+        def encode(ids_or_vectors: torch.Tensor):
+            return lambda ix: text.encode_soft([train[i] for i in ix], ids_or_vectors)
+
+        seen: dict[tuple[int, ...], float] = {}
+
+        def score(ids: torch.Tensor) -> float:
+            """A candidate's loss on one fixed batch (the training batches are random)."""
+            key = tuple(ids.tolist())
+            if key not in seen:
+                fixed = torch.Generator().manual_seed(_seed(self.spec, "adv-score", name))
+                with torch.no_grad():
+                    seen[key] = self._denoising(model, images, encode(table[ids]), fixed, len(images)).item()
+            return seen[key]
+
         opt = torch.optim.Adam([p], lr=self.spec.attack_lr)
         model.unet.requires_grad_(False)
-        best, best_loss = project(p), float("inf")
+        best = project(p)
         for _ in range(self.spec.attack_steps):
             ids = project(p)
+            if score(ids) < score(best):
+                best = ids
             hard = p + (table[ids] - p).detach()  # forward with the tokens, gradient to the vectors
-            loss = self._denoising(model, images, lambda ix, h=hard: text.encode_soft([train[i] for i in ix], h), gen)
-            if loss.item() < best_loss:
-                best, best_loss = ids, loss.item()
+            loss = self._denoising(model, images, encode(hard), gen)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -463,3 +463,39 @@ def test_shipped_sequences_are_valid_and_keep_a_confusable_of_every_request(path
     assert sequence_concepts(requests) == gone
     assert fd_scenes(gone, 200)
     assert {c for c in gone if not set(CONFUSABLES[c]) - set(gone)} == alone
+
+
+def test_adversarial_context_stays_in_its_ball_and_brings_the_student_closer_to_the_concept(tiny_world_model):
+    """AdvUnlearn's inner step: within radius x |c| per token, and the student's prediction under
+    the found context is closer to the concept teacher's than under the prompt's own."""
+    import torch.nn.functional as F
+
+    from cul.unlearning.objectives.dfr import adversarial_context
+    from cul.unlearning.recipes import Adversarial
+
+    teacher = tiny_world_model
+    student = teacher.copy()
+    with torch.no_grad():  # a student that differs from its teacher, as after an erasure
+        for p in student.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn((4, 3, 32, 32), generator=gen)
+    t = torch.tensor([100, 300, 500, 700])
+    ctx = student.encode_prompts(["a red circle on a striped background"] * 4)
+    adv = Adversarial(steps=5, radius=0.5, step_size=0.2)
+    found = adversarial_context(student, teacher, x_t, t, ctx, adv)
+    ratio = (found - ctx).norm(dim=-1) / ctx.norm(dim=-1)
+    assert float(ratio.max()) <= 0.5 + 1e-4 and float(ratio.max()) > 0.1
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, ctx)
+        before = F.mse_loss(student.predict_noise(x_t, t, ctx), target)
+        after = F.mse_loss(student.predict_noise(x_t, t, found), target)
+    assert after < before
+
+
+def test_robust_dfr_trains_an_adversarial_term(tiny_world_model, small_prompts):
+    from cul.unlearning.recipes import Adversarial
+
+    result = unlearn(tiny_world_model, small_prompts, dfr(adversarial=Adversarial(steps=1)))
+    assert all("adv" in row for row in result.history)
+    assert result.drift > 0
