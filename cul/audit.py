@@ -57,10 +57,21 @@ def share_lines(verdict) -> list[str]:
     rows = [c for c in verdict.checks if c.images is not None]
     if not rows:
         return []
-    out = ["## The gate's evidence", "", "| check | images | bound | decided |", "|---|---|---|---|"]
+    out = [
+        "## The gate's evidence",
+        "",
+        "Each share check on the judge's counts: the images it rests on, and the confidence bound it "
+        "reached on the share of them that show the forgotten concept.",
+        "",
+        "| check | value | limit | images | bound on the share | decided |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in rows:
         decided = "yes" if c.conclusive else "no: point estimate at the image budget"
-        out.append(f"| {md_code(c.name)} | {c.images} | {pct(c.bound, unit='%')} | {decided} |")
+        out.append(
+            f"| {md_code(c.name)} | {pct(c.value, unit='%')} | {pct(c.threshold, unit='%')} | {c.images} "
+            f"| {pct(c.bound, unit='%')} | {decided} |"
+        )
     return out + [""]
 
 

@@ -180,6 +180,8 @@ def evaluate(
     from cul.reports import write_base_report
 
     p = _params(params)
+    if probes and not forgotten:
+        raise typer.BadParameter("--probes needs --forgotten: the concepts to probe")
     model_dir = model or p.paths.base_model
     catalogue = p.pipeline.concept_catalogue()
     m = _model(model_dir)
@@ -633,10 +635,11 @@ def bench(
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
     if probes and results:
         from cul.benchmark import step_unet
+        from cul.device import place
         from cul.io.provenance import code_revision
         from cul.probes import summarise, to_records
 
-        final = base.with_unet(step_unet(out, len(results)))
+        final = place(base.with_unet(step_unet(out, len(results))))
         names = [r["concept"] for r in results]
         found = _probe(p, probes, final, base, evaluator, names, out)
         last = results[-1]

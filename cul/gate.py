@@ -82,15 +82,18 @@ def wilson(hits: float, n: int, confidence: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+EPS = 1e-9  # 1 - 0.9 is 0.09999999999999998: a share exactly at its limit passes
+
+
 def bounded(hits: float, n: int, limit: float, confidence: float | None) -> tuple[str, float]:
     """("pass" | "fail" | "open", the bound that decided) for "the share hits/n is at most `limit`"."""
     if confidence is None:
         p = hits / n if n else 0.0
-        return ("pass" if p <= limit else "fail"), p
+        return ("pass" if p <= limit + EPS else "fail"), p
     lo, hi = wilson(hits, n, confidence)
-    if hi <= limit:
+    if hi <= limit + EPS:
         return "pass", hi
-    if lo > limit:
+    if lo > limit + EPS:
         return "fail", lo
     return "open", hi
 
@@ -102,7 +105,9 @@ class Check(BaseModel):
     passed: bool
     reason: str = ""
     images: int | None = None  # share checks: the images the decision rests on
-    bound: float | None = None  # the confidence bound it reached (upper if passed, lower if failed)
+    bound: float | None = (
+        None  # the bound on the share of images showing the concept (upper if passed, lower if failed)
+    )
     conclusive: bool = True  # False: still open at max_images, decided on the point estimate
 
 
@@ -152,18 +157,18 @@ class Gate:
 
         def share(name: str, hits: float, n: int, limit: float, value: float, threshold: float, what: str) -> None:
             """A check that hits/n (images showing a forgotten concept) is at most `limit`; without
-            counts (n = 0: a score only), on the score alone."""
+            counts (n = 0: a score only, as another catalogue's judge gives), on the score alone."""
             if n == 0:
-                hits, n, confidence = hits, 1, None
-            else:
-                confidence = c.confidence
-            state, bound = bounded(hits, n, limit, confidence)
-            ok = state == "pass" or (state == "open" and hits / n <= limit)
-            evidence = f"{hits} of {n} images" if confidence is not None or n > 1 else "from its score"
+                ok = hits <= limit + EPS
+                checks.append(Check(name=name, value=value, threshold=threshold, passed=ok, reason="" if ok else what))
+                return
+            state, bound = bounded(hits, n, limit, c.confidence)
+            ok = state == "pass" or (state == "open" and hits / n <= limit + EPS)
+            evidence = f"{hits} of {n} images"
             if state == "open":
-                evidence += f", undecided at the {pct(confidence or 0, 0, '%')} bound"
-            elif confidence is not None:
-                evidence += f", {pct(confidence, 0, '%')} bound {pct(bound, unit='%')}"
+                evidence += f", undecided at the {pct(c.confidence or 0, 0, '%')} bound"
+            elif c.confidence is not None:
+                evidence += f", {pct(c.confidence, 0, '%')} bound {pct(bound, unit='%')}"
             checks.append(Check(name=name, value=value, threshold=threshold, passed=ok,
                                 reason="" if ok else f"{what} ({evidence})", images=n, bound=bound,
                                 conclusive=state != "open"))  # fmt: skip
@@ -274,8 +279,9 @@ def settle(
 
 
 def forgetting_checks_only(failed: list[str]) -> bool:
-    """True when every failed check is about forgetting (UA of this request or of an earlier one)."""
-    return bool(failed) and all(name == "ua" or name.startswith("ua:") for name in failed)
+    """True when every failed check is about forgetting (UA of this request or of an earlier one, or
+    a concept coming back under a probe)."""
+    return bool(failed) and all(name == "ua" or name.startswith(("ua:", "recovery:")) for name in failed)
 
 
 class EscalationPolicy(BaseModel):

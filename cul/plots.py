@@ -70,13 +70,19 @@ def labelled_grids(
 
 
 def probe_grid(samples: dict[str, torch.Tensor], labels: dict[str, str], path: str | Path, title: str = "") -> Path:
-    """One row per robustness probe (`cul.probes`): its first images, labelled with its figure."""
+    """One row per robustness probe (`cul.probes`): its first images, labelled with its figure (a
+    figure that says so when no probe ran, so the step's declared plot always exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(samples)
+    if not names:
+        fig, ax = plt.subplots(figsize=(3.2, 1.0))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no robustness probe ran for this step", ha="center", va="center", fontsize=8)
+        return _save(fig, path)
     fig, axes = plt.subplots(len(names), 1, figsize=(3.2, 0.9 * len(names) + 0.6), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         ax.imshow(image_grid(samples[name], len(samples[name])))

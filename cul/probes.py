@@ -130,11 +130,12 @@ def _slots(s: Scene, kind: Kind, word: str) -> dict[str, str]:
 
 
 def typo(word: str) -> str:
-    """The word with two inner letters swapped ("circle" -> "cricle"); a short word doubles its last."""
-    if len(word) < 4:
-        return word + word[-1]
-    i = len(word) // 2 - 1
-    return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    """The word with the first two different adjacent letters from its middle swapped ("circle" ->
+    "cicrle", "yellow" -> "yelolw"); a word too short for that doubles its last letter."""
+    for i in range(max(0, len(word) // 2 - 1), len(word) - 1):
+        if word[i] != word[i + 1] and word[i].isalpha() and word[i + 1].isalpha():
+            return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    return word + word[-1]
 
 
 def wording_prompts(name: str, forgotten: Sequence[str], scenes: Sequence[Scene]) -> dict[str, list[str]]:
@@ -239,7 +240,7 @@ class Prober:
         out = []
         for i, (probe, ps) in enumerate(probes.items()):
             sl = slice(i * n, (i + 1) * n)
-            self.samples.setdefault(f"{probe}:{name}", images[i * n : i * n + 4])
+            self.samples.setdefault(f"{probe}:{name}", images[i * n : i * n + min(4, n)])
             out.append(ProbeResult(probe=probe, family="wording", concept=name, hits=int(seen[sl].sum()), images=n,
                                    base_hits=int(base_seen[sl].sum()), base_images=n, prompt=ps[0]))  # fmt: skip
         return out
@@ -310,7 +311,8 @@ class Prober:
         ph = " ".join([text.placeholder] * k)
         train = [f"{ph} {caption(s.object, s.colour, s.texture)}" for s in scenes]
         table = text.word_embeddings().detach()
-        usable = torch.tensor([i for t, i in text.tokenizer.get_vocab().items() if t.isalpha() and t.isascii()])
+        words = [i for t, i in text.tokenizer.get_vocab().items() if t.isalpha() and t.isascii()]
+        usable = torch.tensor(words, device=table.device)
         vocab = table[usable]
         gen = torch.Generator().manual_seed(_seed(self.spec, "adv", name))
         p = vocab[torch.randint(0, len(vocab), (k,), generator=gen)].clone().requires_grad_(True)
@@ -364,9 +366,11 @@ class Prober:
             from cul.world import CONFUSABLES
 
             near = [n for n in CONFUSABLES[name] if n not in gone]
-            if not near:  # every neighbour is forgotten too: the nearest retained concept of its kind
+            if not near:  # every neighbour is forgotten too: the first retained concept of its kind
                 near = pool[c.kind][:1]
             pool[c.kind] = near
+        for k in Kind:  # a kind with every concept forgotten: its scenes draw from all of them
+            pool[k] = pool[k] or [x.name for x in CONCEPTS[k]]
         kinds = (Kind.OBJECT, Kind.COLOUR, Kind.TEXTURE)
         scenes = [Scene(*(str(rng.choice(pool[k])) for k in kinds)) for _ in range(spec.relearn_steps * 16)]
         world = World(size=self.size, seed=int(rng.integers(1 << 30)))

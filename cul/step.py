@@ -226,6 +226,7 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
 
     gate = Gate(spec.gate)
     if not hasattr(evaluator, "more_images"):  # another catalogue's judge: scores only, no probes yet
+        probe_grid({}, {}, out_report / "probes.png")
         return [], 0
     spec_p = spec.eval.probes
     prober = None
@@ -238,10 +239,10 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     verdict, rounds = settle(
         gate, m, forgotten, probes, lambda c, r: evaluator.more_images(student, c, r), more_wording, log
     )
-    if prober is not None and prober.samples:
-        by_name = {r.name: r for r in probes}
-        labels = {k: f"{k} {100 * by_name[k].recovery:.0f}%" for k in prober.samples if k in by_name}
-        probe_grid(prober.samples, labels, out_report / "probes.png", f"{spec.key}: probes (recovery)")
+    by_name = {r.name: r for r in probes}
+    samples = prober.samples if prober is not None else {}
+    labels = {k: f"{k} {100 * by_name[k].recovery:.0f}%" for k in samples if k in by_name}
+    probe_grid(samples, labels, out_report / "probes.png", f"{spec.key}: probes (recovery)")
     return probes, rounds
 
 

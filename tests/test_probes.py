@@ -33,7 +33,8 @@ def test_wording_probes_name_the_concept_in_every_way_a_user_tries():
     assert set(probes) == {"synonym:disc", "synonym:disk", "typo", "repeat", "bare", "unseen_template", "composed"}
     assert all(len(v) == 4 for v in probes.values())
     assert probes["bare"] == ["circle"] * 4
-    assert all("cicrle" in p for p in probes["typo"]) and typo("red") == "redd"
+    assert all("cicrle" in p for p in probes["typo"]) and typo("red") == "erd"
+    assert typo("yellow") == "yelolw" and typo("dotted") == "dotetd" and typo("a") == "aa"
     assert all("circle circle circle" in p for p in probes["repeat"])
     assert all("red" in p and "circle" in p for p in probes["composed"])  # the other forgotten concept beside it
     assert all("backdrop" in p for p in probes["unseen_template"])
@@ -146,7 +147,7 @@ def test_settle_stops_at_the_budget_and_decides_on_the_point_estimate():
     m = _metrics(2, 16)
     verdict, rounds = settle(gate, m, ["circle"], [], lambda c, r: (1, 16), log=lambda _: None)
     assert rounds == 1 and m.counts["circle"] == (3, 32)
-    assert verdict.open == ["ua"] and not verdict.accepted  # 9.4% recognised, still open: point estimate
+    assert verdict.open == ["ua"] and verdict.accepted  # 9.4% recognised, still open: the point estimate passes
     check = verdict.checks[0]
     assert not check.conclusive and check.images == 32
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from cul.unlearning.regularizers import Trainable
 
@@ -196,9 +196,17 @@ class DFRRecipe(RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
-    #: adversarial erasure (None: off); see `Adversarial`.
+    #: adversarial erasure (None: off, and absent from the recipe's dump and hash, so recipes made
+    #: before the option keep their hashes); see `Adversarial`.
     adversarial: Adversarial | None = None
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_options(self, handler):
+        data = handler(self)
+        if data.get("adversarial", 0) is None:
+            del data["adversarial"]
+        return data
 
     def distils_from_base(self) -> bool:
         return self.retain_teacher == "base"
