@@ -244,7 +244,7 @@ def evaluate(
 def _probe(p: Params, families: str, model, base, evaluator, names: list[str], out: Path) -> list:
     """`cul eval --probes`: the chosen probes on every forgotten concept, printed and plotted."""
     from cul.plots import probe_grid
-    from cul.probes import ATTACKS, FAMILIES, Prober
+    from cul.probes import ATTACKS, FAMILIES, Prober, base_cache
 
     chosen = list(FAMILIES) if families.strip() == "all" else [x.strip() for x in families.split(",") if x.strip()]
     unknown = [x for x in chosen if x not in FAMILIES]
@@ -257,7 +257,7 @@ def _probe(p: Params, families: str, model, base, evaluator, names: list[str], o
     spec = p.eval.probes.model_copy(
         update={"wording": "wording" in chosen, "attacks": [a for a in ATTACKS if a in chosen], "concepts": "all"}
     )
-    cache = p.paths.reports / "base" / f"probes-{p.eval.steps or 'default'}.json"
+    cache = base_cache(p.paths.reports, p.eval.steps)
     prober = Prober(evaluator.judge, spec, base, p.world.size, p.eval.steps, cache, log=console.print)
     found = prober.run(model, names)
     t = Table(title="recovery under each probe (share of the base model's recognition)")

@@ -167,6 +167,11 @@ def _seed(spec: ProbeSpec, *parts: str) -> int:
     return spec.seed + int(hashlib.sha256(":".join(parts).encode()).hexdigest()[:6], 16) % 100_000
 
 
+def base_cache(reports: Path, sample_steps: int | None) -> Path:
+    """Where the base model's probe figures are kept, per sampling setting."""
+    return Path(reports) / "base" / f"probes-{sample_steps or 'default'}.json"
+
+
 class Prober:
     """Runs the probes of a `ProbeSpec` against the base model `base`, judged by the world's judge.
 
@@ -201,10 +206,14 @@ class Prober:
                 self._base_hits = data["hits"]
 
     # -- judging ------------------------------------------------------------------------------
-    def hits(self, images: torch.Tensor, name: str) -> int:
+    def seen(self, images: torch.Tensor, name: str) -> np.ndarray:
+        """Per image: does the judge see `name` in it."""
         c = concept(name)
         index = [x.name for x in CONCEPTS[c.kind]].index(name)
-        return int((self.judge.predict(images)[c.kind.value] == index).sum())
+        return self.judge.predict(images)[c.kind.value] == index
+
+    def hits(self, images: torch.Tensor, name: str) -> int:
+        return int(self.seen(images, name).sum())
 
     def _sample(self, model, prompts: list[str], seed: int, context: torch.Tensor | None = None) -> torch.Tensor:
         return model.sample(prompts, seed=seed, steps=self.sample_steps, context=context)
@@ -228,12 +237,10 @@ class Prober:
         """The probes of one concept drawn in one batch (base and model: the same prompts and noise)."""
         prompts = [p for ps in probes.values() for p in ps]
         images = self._sample(model, prompts, seed)
-        c = concept(name)
-        index = [x.name for x in CONCEPTS[c.kind]].index(name)
-        seen = self.judge.predict(images)[c.kind.value] == index
+        seen = self.seen(images, name)
         key = hashlib.sha256(json.dumps([prompts, seed, name]).encode()).hexdigest()[:20]
         if key not in self._base_hits:
-            base_seen = self.judge.predict(self._sample(self.base, prompts, seed))[c.kind.value] == index
+            base_seen = self.seen(self._sample(self.base, prompts, seed), name)
             self._base_hits[key] = [int(x) for x in base_seen]
             self._save()
         base_seen = np.array(self._base_hits[key], dtype=bool)

@@ -222,7 +222,7 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     which updates `m.counts`. Writes the probes' sample grid. Returns (probes, rounds drawn)."""
     from cul.gate import Gate, settle
     from cul.plots import probe_grid
-    from cul.probes import Prober
+    from cul.probes import Prober, base_cache
 
     gate = Gate(spec.gate)
     if not hasattr(evaluator, "more_images"):  # another catalogue's judge: scores only, no probes yet
@@ -232,7 +232,7 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     prober = None
     probes = []
     if spec_p.wording or spec_p.attacks:
-        cache = params.paths.reports / "base" / f"probes-{spec.eval.steps or 'default'}.json"
+        cache = base_cache(params.paths.reports, spec.eval.steps)
         prober = Prober(evaluator.judge, spec_p, base, params.world.size, spec.eval.steps, cache, log)
         probes = prober.run(student, forgotten)
     more_wording = (lambda c, r: prober.wording(student, c, forgotten, r)) if prober and spec_p.wording else None
