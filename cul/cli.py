@@ -241,8 +241,11 @@ def evaluate(
     console.print(f"report -> {out}/metrics.json, {out}/samples.png ({seconds:.0f} s)")
 
 
-def _probe(p: Params, families: str, model, base, evaluator, names: list[str], out: Path) -> list:
-    """`cul eval --probes`: the chosen probes on every forgotten concept, printed and plotted."""
+def _probe(
+    p: Params, families: str, model, base, evaluator, names: list[str], out: Path, journal: Path | None = None
+) -> list:
+    """`cul eval --probes`: the chosen probes on every forgotten concept, printed and plotted (with
+    `journal`, resumable concept by concept: `Prober.run`)."""
     from cul.plots import probe_grid
     from cul.probes import ATTACKS, FAMILIES, Prober, base_cache
 
@@ -259,7 +262,7 @@ def _probe(p: Params, families: str, model, base, evaluator, names: list[str], o
     )
     cache = base_cache(p.paths.reports, p.eval.steps)
     prober = Prober(evaluator.judge, spec, base, p.world.size, p.eval.steps, cache, log=console.print)
-    found = prober.run(model, names)
+    found = prober.run(model, names, journal=journal)
     t = Table(title="recovery under each probe (share of the base model's recognition)")
     for col in ("concept", "probe", "recovery", "images", "base", "prompt"):
         t.add_column(col)
@@ -574,7 +577,7 @@ def bench(
     probes: str | None = typer.Option(
         None,
         help="After the last request: robustness probes on every forgotten concept (comma-separated "
-        "families, or 'all'), written to OUT/robustness.json.",
+        "families, or 'all'), written to OUT/robustness.json (resumable concept by concept).",
     ),
     params: Path = ParamsOpt,
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -583,11 +586,13 @@ def bench(
     (resumable: a rerun continues after the last finished step, with the same recipe only)."""
     from cul.benchmark import BenchmarkError, load_sequence, run_sequence, sequence_concepts
     from cul.evaluation import Evaluator
+    from cul.io.provenance import code_revision
     from cul.judges import uses_world_scenes
     from cul.plots import metric_curves
     from cul.unlearning.recipes import RecipeError, load_recipe
 
     p = _params(params)
+    started = code_revision(".")  # the code this process loaded: what probes the final model
     try:
         name, recipe = load_recipe(method)
         requests = load_sequence(sequence)
@@ -636,12 +641,11 @@ def bench(
     if probes and results:
         from cul.benchmark import step_unet
         from cul.device import place
-        from cul.io.provenance import code_revision
         from cul.probes import summarise, to_records
 
         final = place(base.with_unet(step_unet(out, len(results))))
         names = [r["concept"] for r in results]
-        found = _probe(p, probes, final, base, evaluator, names, out)
+        found = _probe(p, probes, final, base, evaluator, names, out, journal=out / "probes-journal.json")
         last = results[-1]
         keep = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "recipe_name", "recipe_hash", "git_commit")
         _write_json(
@@ -652,7 +656,7 @@ def bench(
                 "steps": len(results),
                 "after": {k: last.get(k) for k in keep},
                 **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
-                "probed_at": dict(zip(("git_commit", "git_dirty"), code_revision("."), strict=True)),
+                "probed_at": dict(zip(("git_commit", "git_dirty"), started, strict=True)),
                 "probe_spec": p.eval.probes.model_dump(mode="json"),
                 "families": probes,
                 "summary": summarise(found),

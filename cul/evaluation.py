@@ -6,7 +6,6 @@ Fixed seeds throughout, so two evaluations of the same weights agree exactly.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -321,11 +320,7 @@ class Evaluator:
 
     def _cache_key(self, base_model) -> str:
         fd_key = [(x.object, x.colour, x.texture) for x in self.fd_scenes or []]
-        h = hashlib.sha256(f"{self.spec.seed}:{len(self.scenes)}:{self.spec.steps}:{fd_key}".encode())
-        for n, p in sorted(base_model.unet.state_dict().items()):
-            h.update(n.encode())
-            h.update(p.detach().cpu().numpy().tobytes())
-        return h.hexdigest()
+        return base_model.digest(f"{self.spec.seed}:{len(self.scenes)}:{self.spec.steps}:{fd_key}".encode())
 
     def set_base(self, base_model, cache: str | Path | None = None) -> StepMetrics:
         """Judge the base model once; with `cache`, keep its verdict in an .npz keyed by the base

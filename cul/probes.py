@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 
 from cul.world import CONCEPTS, HELD_OUT_TEMPLATES, Kind, Scene, World, caption, concept, fill
 
@@ -193,11 +194,7 @@ class Prober:
         self.sample_steps = sample_steps
         self.log = log
         self.cache = Path(cache) if cache else None
-        h = hashlib.sha256(json.dumps([spec.seed, sample_steps]).encode())
-        for n, p in sorted(base.unet.state_dict().items()):
-            h.update(n.encode())
-            h.update(p.detach().cpu().numpy().tobytes())
-        self._key = h.hexdigest()[:16]
+        self._key = base.digest(json.dumps([spec.seed, sample_steps]).encode())[:16]
         self._base_hits: dict[str, Any] = {}
         self.samples: dict[str, torch.Tensor] = {}  # probe name -> its first images (for the record)
         if self.cache is not None and self.cache.exists():
@@ -225,8 +222,13 @@ class Prober:
             tmp.write_text(json.dumps({"key": self._key, "hits": self._base_hits}))
             os.replace(tmp, self.cache)
 
+    @staticmethod
+    def _batch_key(prompts: list[str], seed: int, name: str) -> str:
+        """The base cache's key of a batch of prompts drawn at `seed` and judged for `name`."""
+        return hashlib.sha256(json.dumps([prompts, seed, name]).encode()).hexdigest()[:20]
+
     def _base(self, prompts: list[str], seed: int, name: str) -> int:
-        key = hashlib.sha256(json.dumps([prompts, seed, name]).encode()).hexdigest()[:20]
+        key = self._batch_key(prompts, seed, name)
         if key not in self._base_hits:
             self._base_hits[key] = self.hits(self._sample(self.base, prompts, seed), name)
             self._save()
@@ -238,7 +240,7 @@ class Prober:
         prompts = [p for ps in probes.values() for p in ps]
         images = self._sample(model, prompts, seed)
         seen = self.seen(images, name)
-        key = hashlib.sha256(json.dumps([prompts, seed, name]).encode()).hexdigest()[:20]
+        key = self._batch_key(prompts, seed, name)
         if key not in self._base_hits:
             base_seen = self.seen(self._sample(self.base, prompts, seed), name)
             self._base_hits[key] = [int(x) for x in base_seen]
@@ -410,19 +412,65 @@ class Prober:
             return self.relearn(model, name, forgotten, attack.removeprefix("relearn_"))
         raise ValueError(f"unknown attack {attack!r}: one of {', '.join(ATTACKS)}")
 
-    def run(self, model, forgotten: Sequence[str], attacks: Sequence[str] | None = None) -> list[ProbeResult]:
-        """Every probe of the spec (attacks: the spec's unless given) on the forgotten concepts it names."""
+    def run(
+        self,
+        model,
+        forgotten: Sequence[str],
+        attacks: Sequence[str] | None = None,
+        journal: str | Path | None = None,
+    ) -> list[ProbeResult]:
+        """Every probe of the spec (attacks: the spec's unless given) on the forgotten concepts it names.
+
+        With `journal` (a JSON file, its sample images beside it in a .safetensors file), each
+        concept's results are written as soon as they are done, keyed by the model's weights, the
+        spec and the concepts: a rerun on the same model continues after the last finished concept.
+        """
         spec = self.spec
         names = list(forgotten) if spec.concepts == "all" else list(forgotten[-1:])
-        attacks = spec.attacks if attacks is None else attacks
+        attacks = list(spec.attacks if attacks is None else attacks)
+        key = model.digest(json.dumps([spec.model_dump(mode="json"), list(forgotten), attacks, self._key]).encode())
+        done = _read_journal(journal, key) if journal else {}
+        if done:
+            self.log(f"probes: {len(done)} of {len(names)} concepts already done ({journal})")
+            pictures = Path(str(journal)).with_suffix(".safetensors")
+            if pictures.exists():
+                self.samples.update(load_file(str(pictures)))
         out: list[ProbeResult] = []
         for name in names:
+            if name in done:
+                out += [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in done[name]]
+                continue
+            found: list[ProbeResult] = []
             if spec.wording:
-                out += self.wording(model, name, forgotten)
+                found += self.wording(model, name, forgotten)
             for attack in attacks:
                 self.log(f"probe {attack} on {name}")
-                out.append(self.attack(model, attack, name, forgotten))
+                found.append(self.attack(model, attack, name, forgotten))
+            out += found
+            if journal:
+                done[name] = to_records(found)
+                _write_journal(Path(journal), key, done, self.samples)
         return out
+
+
+def _read_journal(path: str | Path, key: str) -> dict[str, list[dict]]:
+    """The finished concepts of a probe journal written for `key` (nothing if another model or spec)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return data["done"] if data.get("key") == key else {}
+
+
+def _write_journal(path: Path, key: str, done: dict[str, list[dict]], samples: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in samples.items()}
+    pictures = path.with_suffix(".safetensors")
+    save_file(tensors, str(pictures.with_name(f".{pictures.name}-{os.getpid()}")))
+    os.replace(pictures.with_name(f".{pictures.name}-{os.getpid()}"), pictures)
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "done": done}))
+    os.replace(tmp, path)
 
 
 def summarise(results: Sequence[ProbeResult], min_base_rate: float = 0.5) -> dict[str, dict]:

@@ -97,6 +97,42 @@ def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_m
     assert adv.prompt.endswith(caption) and len(adv.prompt) > len(caption) + 3  # typed tokens, then the caption
 
 
+def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_the_same_model(
+    base_model, judge, tmp_path
+):
+    """`cul bench --probes` after twenty requests probes for hours: a crash must not lose the
+    concepts already probed, and a journal of other weights must not be taken for this model's."""
+    import json
+
+    from cul.probes import Prober
+
+    spec = ProbeSpec(images=4, concepts="all")
+    journal = tmp_path / "probes-journal.json"
+    first = Prober(judge, spec, base_model, sample_steps=4).run(base_model, ["red", "circle"], journal=journal)
+    data = json.loads(journal.read_text())
+    assert set(data["done"]) == {"red", "circle"} and journal.with_suffix(".safetensors").exists()
+    # a crash after red: circle is missing, and red's figures are marked so a recomputation shows
+    data["done"].pop("circle")
+    for r in data["done"]["red"]:
+        r["prompt"] = "from the journal"
+    journal.write_text(json.dumps(data))
+    prober = Prober(judge, spec, base_model, sample_steps=4)
+    again = prober.run(base_model, ["red", "circle"], journal=journal)
+    assert all(r.prompt == "from the journal" for r in again if r.concept == "red")  # read back, not redrawn
+    assert [r.model_dump() for r in again if r.concept == "circle"] == [
+        r.model_dump() for r in first if r.concept == "circle"
+    ]
+    assert any(k.endswith(":red") for k in prober.samples)  # the record's grid keeps red's images
+    # other weights: the journal is not theirs, every concept is probed
+    other = base_model.copy()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    fresh = Prober(judge, spec, base_model, sample_steps=4).run(other, ["red", "circle"], journal=journal)
+    assert len(fresh) == len(first) and not any(r.prompt == "from the journal" for r in fresh)
+    rewritten = json.loads(journal.read_text())
+    assert rewritten["key"] != data["key"] and set(rewritten["done"]) == {"red", "circle"}
+
+
 # -- the confidence-bound gate ------------------------------------------------------------------
 def test_wilson_bounds():
     lo, hi = wilson(0, 16, 0.9)

@@ -17,6 +17,7 @@ sampling), as in diffusers.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,6 +182,15 @@ class DiffusionModel:
     def sample(self, prompts: Sequence[str], seed: int = 0, **kw) -> torch.Tensor:
         """Images in [0, 1], NCHW, on the CPU (fp32) wherever the model runs."""
         return self.to_images(self.sample_latents(prompts, seed=seed, **kw)).float().cpu()
+
+    def digest(self, salt: bytes = b"") -> str:
+        """SHA-256 of `salt` and the UNet's weights (names and bytes, in name order): the key under
+        which figures of this model (the base model's evaluation, its probes) are cached."""
+        h = hashlib.sha256(salt)
+        for n, p in sorted(self.unet.state_dict().items()):
+            h.update(n.encode())
+            h.update(p.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     def copy(self) -> DiffusionModel:
         """A deep copy of the trainable part (the UNet); the frozen encoder is shared."""
