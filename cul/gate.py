@@ -241,19 +241,20 @@ def settle(
     forgotten: list[str],
     probes: list[ProbeResult],
     more_ua: Callable[[str, int], tuple[int, int]],
-    more_wording: Callable[[str, int], list[ProbeResult]] | None = None,
+    more_wording: Callable[[str, int, set[str]], list[ProbeResult]] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Verdict, int]:
     """Draw more images for the gate's open share checks until each is decided or has
     `max_images`: `more_ua(concept, round)` gives fresh (hits, images) of a forgotten concept,
-    `more_wording(concept, round)` a fresh round of its wording probes. Updates `metrics.counts`
-    and `probes` in place; returns the verdict on all the evidence and the rounds drawn."""
+    `more_wording(concept, round, probes)` a fresh round of the named wording probes of a concept
+    (only the open ones). Updates `metrics.counts` and `probes` in place; returns the verdict on
+    all the evidence and the rounds drawn."""
     cap = gate.config.max_images
     rounds = 0
     while True:
         verdict = gate.decide(metrics, forgotten, None, probes)
         drew = False
-        fresh: dict[str, dict[str, ProbeResult]] = {}
+        wording: dict[str, set[str]] = {}  # concept -> its open wording probes
         for name in verdict.open:
             if name == "ua" or name.startswith("ua:"):
                 c = forgotten[-1] if name == "ua" else name[3:]
@@ -263,15 +264,17 @@ def settle(
                     metrics.counts[c] = (hits + h, n + m)
                     drew = True
             elif name.startswith("recovery:") and more_wording is not None:
-                i, r = next((i, r) for i, r in enumerate(probes) if f"recovery:{r.name}" == name)
-                if r.family != "wording" or r.images >= cap:
-                    continue
-                if r.concept not in fresh:
-                    fresh[r.concept] = {x.probe: x for x in more_wording(r.concept, rounds + 1)}
-                x = fresh[r.concept][r.probe]
-                update = {k: getattr(r, k) + getattr(x, k) for k in ("hits", "images", "base_hits", "base_images")}
-                probes[i] = r.model_copy(update=update)
-                drew = True
+                r = next(r for r in probes if f"recovery:{r.name}" == name)
+                if r.family == "wording" and r.images < cap:
+                    wording.setdefault(r.concept, set()).add(r.probe)
+        for concept, open_ in wording.items():
+            fresh = {x.probe: x for x in more_wording(concept, rounds + 1, open_)}  # type: ignore[misc]
+            for i, r in enumerate(probes):
+                if r.concept == concept and r.probe in open_:
+                    x = fresh[r.probe]
+                    update = {k: getattr(r, k) + getattr(x, k) for k in ("hits", "images", "base_hits", "base_images")}
+                    probes[i] = r.model_copy(update=update)
+                    drew = True
         if not drew:
             return verdict, rounds
         rounds += 1

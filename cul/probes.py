@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,13 +254,17 @@ class Prober:
                                    base_hits=int(base_seen[sl].sum()), base_images=n, prompt=ps[0]))  # fmt: skip
         return out
 
-    def wording(self, model, name: str, forgotten: Sequence[str], round_: int = 0) -> list[ProbeResult]:
-        """Every wording probe of `name`; `round_` > 0 draws fresh scenes and seeds (more evidence
-        for the gate)."""
+    def wording(
+        self, model, name: str, forgotten: Sequence[str], round_: int = 0, only: Collection[str] | None = None
+    ) -> list[ProbeResult]:
+        """Every wording probe of `name` (or the probes named in `only`); `round_` > 0 draws fresh
+        scenes and seeds (more evidence for the gate)."""
         n = self.spec.images
         probes = wording_prompts(name, forgotten, _scenes(concept(name), n, offset=round_ * n))
+        if only is not None:
+            probes = {k: v for k, v in probes.items() if k in only}
         composed = {"composed": probes.pop("composed")} if "composed" in probes else {}
-        out = self._group(model, name, probes, _seed(self.spec, "wording", name, str(round_)), n)
+        out = self._group(model, name, probes, _seed(self.spec, "wording", name, str(round_)), n) if probes else []
         if composed:
             out += self._group(model, name, composed, _seed(self.spec, "composed", name, str(round_)), n)
         return out

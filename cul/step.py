@@ -235,7 +235,7 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
         cache = base_cache(params.paths.reports, spec.eval.steps)
         prober = Prober(evaluator.judge, spec_p, base, params.world.size, spec.eval.steps, cache, log)
         probes = prober.run(student, forgotten)
-    more_wording = (lambda c, r: prober.wording(student, c, forgotten, r)) if prober and spec_p.wording else None
+    more_wording = (lambda c, r, o: prober.wording(student, c, forgotten, r, o)) if prober and spec_p.wording else None
     verdict, rounds = settle(
         gate, m, forgotten, probes, lambda c, r: evaluator.more_images(student, c, r), more_wording, log
     )

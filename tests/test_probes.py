@@ -95,6 +95,9 @@ def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_m
     adv = next(r for r in a if r.family == "adversarial")
     caption = next(r for r in a if r.family == "relearn_retain" and r.concept == adv.concept).prompt.split(": ")[-1]
     assert adv.prompt.endswith(caption) and len(adv.prompt) > len(caption) + 3  # typed tokens, then the caption
+    # the gate's next round redraws only the probes it names
+    more = Prober(judge, spec, base_model, sample_steps=4, cache=cache).wording(base_model, "red", ["red"], 1, {"bare"})
+    assert [(r.probe, r.images) for r in more] == [("bare", 4)]
 
 
 def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_the_same_model(
@@ -202,12 +205,16 @@ def test_recovery_checks_gate_probes_and_extend_wording():
     assert "recovery:typo:circle" not in names  # the base model reads it 4 of 16: tests nothing
     assert "recovery:bare:circle" in v.open  # 31% recovered of a 20% limit, not surely
 
-    def more_wording(concept: str, round_: int) -> list[ProbeResult]:
-        return [probe(6, name="bare"), probe(0, name="repeat"), probe(0, name="typo")]
+    asked: list[set[str]] = []
+
+    def more_wording(concept: str, round_: int, only: set[str]) -> list[ProbeResult]:
+        asked.append(only)
+        return [p for p in (probe(6, name="bare"), probe(0, name="repeat"), probe(0, name="typo")) if p.probe in only]
 
     verdict, rounds = settle(gate, _metrics(0, 16), ["circle"], probes, _source(0, 0), more_wording, lambda _: None)
-    bare = next(r for r in probes if r.probe == "bare")
-    assert rounds >= 1 and bare.images > 16
+    bare, repeat = (next(r for r in probes if r.probe == k) for k in ("bare", "repeat"))
+    assert rounds >= 1 and bare.images > 16 and repeat.images == 16  # only the open probe is drawn again
+    assert all(only == {"bare"} for only in asked)
     assert not verdict.accepted and "comes back under bare" in " ".join(verdict.reasons)
 
 
