@@ -84,7 +84,7 @@ def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_m
     cache = tmp_path / "probes.json"
     a = Prober(judge, spec, base_model, sample_steps=4, cache=cache).run(base_model, ["red", "circle"])
     assert cache.exists()
-    b = Prober(judge, spec, base_model, sample_steps=4, cache=cache).run(base_model, ["red", "circle"])
+    b = Prober(judge, spec, base_model, sample_steps=4, cache=cache).run(base_model, ["red", "circle"], attacks=[])
     wording = [r.model_dump() for r in a if r.family == "wording"]
     assert wording == [r.model_dump() for r in b if r.family == "wording"] and len(wording) == 14
     families = {r.family for r in a}
@@ -110,8 +110,10 @@ def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_th
     from cul.probes import Prober
 
     spec = ProbeSpec(images=4, concepts="all")
-    journal = tmp_path / "probes-journal.json"
-    first = Prober(judge, spec, base_model, sample_steps=4).run(base_model, ["red", "circle"], journal=journal)
+    journal, base = tmp_path / "probes-journal.json", tmp_path / "base.json"  # the base model drawn once
+    first = Prober(judge, spec, base_model, sample_steps=4, cache=base).run(
+        base_model, ["red", "circle"], journal=journal
+    )
     data = json.loads(journal.read_text())
     assert set(data["done"]) == {"red", "circle"} and journal.with_suffix(".safetensors").exists()
     # a crash after red: circle is missing, and red's figures are marked so a recomputation shows
@@ -119,7 +121,7 @@ def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_th
     for r in data["done"]["red"]:
         r["prompt"] = "from the journal"
     journal.write_text(json.dumps(data))
-    prober = Prober(judge, spec, base_model, sample_steps=4)
+    prober = Prober(judge, spec, base_model, sample_steps=4, cache=base)
     again = prober.run(base_model, ["red", "circle"], journal=journal)
     assert all(r.prompt == "from the journal" for r in again if r.concept == "red")  # read back, not redrawn
     assert [r.model_dump() for r in again if r.concept == "circle"] == [
@@ -130,7 +132,7 @@ def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_th
     other = base_model.copy()
     with torch.no_grad():
         next(other.unet.parameters()).add_(1e-3)
-    fresh = Prober(judge, spec, base_model, sample_steps=4).run(other, ["red", "circle"], journal=journal)
+    fresh = Prober(judge, spec, base_model, sample_steps=4, cache=base).run(other, ["red", "circle"], journal=journal)
     assert len(fresh) == len(first) and not any(r.prompt == "from the journal" for r in fresh)
     rewritten = json.loads(journal.read_text())
     assert rewritten["key"] != data["key"] and set(rewritten["done"]) == {"red", "circle"}

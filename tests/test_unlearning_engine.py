@@ -136,10 +136,12 @@ def test_one_dfr_step_lowers_the_forgotten_concepts_judge_score(base_model, judg
     assert before >= 0.8 and after < before - 0.3, (before, after)
 
 
-def test_two_request_smoke_run_resumes_and_writes_results(base_model, judge, tmp_path):
-    # the production recipe, a few steps of it
+def test_two_request_smoke_run_resumes_and_writes_results(tiny_world_model, judge, tmp_path):
+    # the production recipe, a few steps of it, on a tiny untrained model: what is recorded
+    # matters here, not its quality
+    base_model = tiny_world_model
     recipe = DFRRecipe(**FAST, retain_batch=4, n_surrogates=2)
-    evaluator = Evaluator(judge, EvalSpec(stride=32, steps=4))  # what is recorded matters here, not its quality
+    evaluator = Evaluator(judge, EvalSpec(stride=32, steps=4))
     requests = [Request(concept="circle", kind="object"), Request(concept="red", kind="colour")]
     first = run_sequence(
         base_model, evaluator, requests, recipe, tmp_path, name="tiny", max_steps=1, progress=False, log=lambda m: None
@@ -203,7 +205,7 @@ def test_two_request_smoke_run_resumes_and_writes_results(base_model, judge, tmp
 
 
 def test_evaluation_is_exactly_reproducible(base_model, judge):
-    evaluator = Evaluator(judge, EvalSpec(stride=32, steps=10))
+    evaluator = Evaluator(judge, EvalSpec(stride=32, steps=2))
     a = evaluator(base_model, ["circle"])
     b = evaluator(base_model, ["circle"])
     assert a.per_concept == b.per_concept and a.ua == b.ua
@@ -235,7 +237,7 @@ def test_fixed_fd_set_avoids_the_sequence_and_stays_the_same_across_steps(base_m
 
     with pytest.raises(ValueError, match="no scene"):  # every object excluded: nothing left to draw
         fd_scenes([c.name for c in CONCEPTS[Kind.OBJECT]], 4)
-    evaluator = Evaluator(judge, EvalSpec(stride=32, fd_images=24, steps=10), fd_exclude=seq)
+    evaluator = Evaluator(judge, EvalSpec(stride=32, fd_images=24, steps=2), fd_exclude=seq)
     evaluator.set_base(base_model)
     one = evaluator(base_model, ["circle"])
     two = evaluator(base_model, ["circle", "red"])
