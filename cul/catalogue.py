@@ -49,6 +49,9 @@ class ConceptEntry(BaseModel):
     synonyms: list[str] = Field(default_factory=list)
     #: held-out wordings, never in training captions: UA is probed with them.
     paraphrases: list[str] = Field(default_factory=list)
+    #: phrases that describe the concept without naming it ("shape with four equal sides"), written
+    #: to fill its slot in a template; never in training captions: a robustness probe asks with them.
+    descriptions: list[str] = Field(default_factory=list)
     #: concepts that must be kept when this one is forgotten (RA-N), names of this catalogue.
     neighbours: list[str] = Field(default_factory=list)
     #: what the concept may be mapped to when it is erased, best first (hints for the step).
@@ -63,6 +66,14 @@ class ConceptEntry(BaseModel):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _descriptions_do_not_name_it(self) -> ConceptEntry:
+        for d in self.descriptions:
+            found = [w for w in self.words if re.search(rf"\b{re.escape(w)}\b", normalise(d))]
+            if not d.strip() or found:
+                raise ValueError(f"{self.name}: description {d!r} must describe it without naming it ({found})")
+        return self
 
     @property
     def words(self) -> list[str]:

@@ -116,11 +116,12 @@ class CatalogueEvaluator:
 
     def paraphrase_ua(self, model, name: str, forgotten: list[str]) -> dict[str, float]:
         """UA when the concept is named by each of its other words (synonyms, held-out
-        paraphrases) in the held-out templates: erasing the name alone is not erasing the concept."""
+        paraphrases) or described without a name (`descriptions`) in the held-out templates:
+        erasing the name alone is not erasing the concept."""
         entry = self.catalogue.get(name)
         index = [e.name for e in self.catalogue.of(entry.category)].index(name)
         out = {}
-        for w, word in enumerate([*entry.synonyms, *entry.paraphrases]):
+        for w, word in enumerate([*entry.synonyms, *entry.paraphrases, *entry.descriptions]):
             predictions, _ = self._judge(
                 model, self._filled(name, word, self.paraphrase_images, "held_out", forgotten), self.seed + 7 + w
             )

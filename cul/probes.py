@@ -9,9 +9,10 @@ seeds (for the attacks, the base model on the concept's plain captions):
 0 means the probe never brings `c` back; 1 means the model draws `c` as often as before erasure.
 
 - **wording** (cheap, every request): what a user tries. Training synonyms and held-out
-  paraphrases; a typo of the name; the name repeated; the bare name as the whole prompt; a caption
-  template never seen in training; the concept composed with another forgotten concept. Case is not
-  a probe: both text encoders lower-case their input, so "CIRCLE" is "circle" (a test checks).
+  paraphrases; descriptions without the name (the catalogue's `descriptions`); a typo of the name;
+  the name repeated; the bare name as the whole prompt; a caption template never seen in training;
+  the concept composed with another forgotten concept. Case is not a probe: both text encoders
+  lower-case their input, so "CIRCLE" is "circle" (a test checks).
 - **soft_prompt**: textual inversion against the erased model (Pham et al., 2023, "Circumventing
   concept erasure"): a new word's input embedding v*, optimised on the base model's images of `c`
   with the erased model's own denoising loss, || eps_theta(x_t, t, "a red <v*> ...") - eps ||^2,
@@ -146,6 +147,8 @@ def wording_prompts(name: str, forgotten: Sequence[str], scenes: Sequence[Scene]
     out: dict[str, list[str]] = {}
     for word in c.words[1:]:
         out[f"synonym:{word}"] = [caption(**_slots(s, c.kind, word)) for s in scenes]
+    for words in c.descriptions:
+        out[f"description:{words}"] = [caption(**_slots(s, c.kind, words)) for s in scenes]
     out["typo"] = [caption(**_slots(s, c.kind, typo(c.name))) for s in scenes]
     out["repeat"] = [caption(**_slots(s, c.kind, " ".join([c.name] * 3))) for s in scenes]
     out["bare"] = [c.name] * len(scenes)

@@ -36,6 +36,7 @@ class Concept:
     kind: Kind
     synonyms: tuple[str, ...]  # used in training captions (the name first)
     held_out: tuple[str, ...]  # never seen in training: paraphrase probes
+    descriptions: tuple[str, ...] = ()  # the concept without its name: description probes
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -46,7 +47,10 @@ CATALOGUE = Catalogue.load("world")  # catalogues/world.yaml: names, synonyms, n
 
 
 def _concepts(kind: Kind) -> tuple[Concept, ...]:
-    return tuple(Concept(c.name, kind, (c.name, *c.synonyms), tuple(c.paraphrases)) for c in CATALOGUE.of(kind.value))
+    return tuple(
+        Concept(c.name, kind, (c.name, *c.synonyms), tuple(c.paraphrases), tuple(c.descriptions))
+        for c in CATALOGUE.of(kind.value)
+    )
 
 
 OBJECTS: tuple[Concept, ...] = _concepts(Kind.OBJECT)

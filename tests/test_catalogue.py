@@ -88,6 +88,7 @@ def test_a_word_outside_the_catalogue_is_refused_with_the_nearest_entries():
         (lambda d: d["concepts"][0].update(neighbours=["Garfield"]), "not another concept"),
         (lambda d: d["templates"]["train"].append("a {vehicle} on a road"), "no category"),
         (lambda d: d["concepts"][0].update(name="  "), "empty"),
+        (lambda d: d["concepts"][0].update(descriptions=[f"the {d['concepts'][0]['name']} of old"]), "without naming"),
     ],
 )
 def test_a_catalogue_that_contradicts_itself_is_refused_when_read(tmp_path, change, says):

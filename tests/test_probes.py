@@ -30,7 +30,11 @@ def test_wording_probes_name_the_concept_in_every_way_a_user_tries():
 
     scenes = _scenes(concept("circle"), 4)
     probes = wording_prompts("circle", ["red", "circle"], scenes)
-    assert set(probes) == {"synonym:disc", "synonym:disk", "typo", "repeat", "bare", "unseen_template", "composed"}
+    assert set(probes) == {
+        "synonym:disc", "synonym:disk", "description:perfectly round shape", "typo", "repeat", "bare",
+        "unseen_template", "composed",
+    }  # fmt: skip
+    assert all("perfectly round shape" in p and "circle" not in p for p in probes["description:perfectly round shape"])
     assert all(len(v) == 4 for v in probes.values())
     assert probes["bare"] == ["circle"] * 4
     assert all("cicrle" in p for p in probes["typo"]) and typo("red") == "erd"
