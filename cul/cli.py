@@ -775,6 +775,9 @@ def concept_add(
     category: str = typer.Option(..., help="Its category: an existing one (object, style...) or a new one."),
     synonyms: list[str] = typer.Option([], "--synonym", help="Another name of it (repeatable)."),
     paraphrases: list[str] = typer.Option([], "--paraphrase", help="A held-out wording for probing (repeatable)."),
+    descriptions: list[str] = typer.Option(
+        [], "--description", help="A phrase that describes it without naming it, for probing (repeatable)."
+    ),
     neighbours: list[str] = typer.Option([], "--neighbour", help="A concept to keep when it is forgotten."),
     surrogates: list[str] = typer.Option([], "--surrogate", help="What it may be mapped to when erased."),
     model: Path | None = typer.Option(None, help="Rank automatic choices by this model's noise predictions."),
@@ -798,6 +801,7 @@ def concept_add(
             category=category,
             synonyms=synonyms,
             paraphrases=paraphrases,
+            descriptions=descriptions,
             neighbours=neighbours,
             surrogates=surrogates,
         )

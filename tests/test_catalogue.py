@@ -125,9 +125,13 @@ def test_cul_request_add_takes_free_text_of_the_active_catalogue(tmp_path):
 def test_cul_concept_add_chooses_neighbours_and_surrogates_and_writes_them_for_review(tmp_path):
     params = _project(tmp_path, "world")
     catalogue = str(tmp_path / "sd.yaml")
-    out = runner.invoke(app, ["concept", "add", "Hello Kitty", "--category", "character", "--catalogue", catalogue])
+    described = ["--description", "a white cartoon cat with a red bow"]
+    out = runner.invoke(
+        app, ["concept", "add", "Hello Kitty", "--category", "character", "--catalogue", catalogue, *described]
+    )
     assert out.exit_code == 0, out.output
     entry = Catalogue.load(catalogue).get("Hello Kitty")
+    assert entry.descriptions == ["a white cartoon cat with a red bow"]
     characters = {c.name for c in SD.of("character")}
     assert len(entry.neighbours) == 2 and set(entry.neighbours) <= characters
     assert len(entry.surrogates) == 3 and set(entry.surrogates) <= characters
@@ -140,6 +144,9 @@ def test_cul_concept_add_chooses_neighbours_and_surrogates_and_writes_them_for_r
     assert closed.exit_code == 1 and "closed" in closed.output
     again = runner.invoke(app, ["concept", "add", "spiderman", "--category", "character", "--catalogue", catalogue])
     assert again.exit_code == 1 and "already names 'Spider-Man'" in again.output
+    naming = ["concept", "add", "Garfield", "--category", "character", "--description", "garfield the cat"]
+    refused = runner.invoke(app, [*naming, "--catalogue", catalogue])
+    assert refused.exit_code == 1 and "without naming it" in refused.output and "Traceback" not in refused.output
 
 
 def test_a_model_ranks_the_automatic_choices_by_its_noise_predictions(tiny_world_model):
