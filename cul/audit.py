@@ -135,7 +135,7 @@ def write_deletion_record(
         f"| UA on {md_code(item.concept)} | {pct(metrics['ua'], unit='%')} | {pct(base.get('ua'), unit='%')} |",
     ]
     for word, ua in (metrics.get("paraphrase_ua") or {}).items():
-        lines.append(f"| UA when named {md_code(word)} | {pct(ua, unit='%')} | |")
+        lines.append(f"| UA when asked with {md_code(word)} | {pct(ua, unit='%')} | |")
     for c, ua in record["evidence"]["earlier_forgotten_ua"].items():
         lines.append(f"| UA on earlier forgotten {md_code(c)} | {pct(ua, unit='%')} | |")
     lines += [

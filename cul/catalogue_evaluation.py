@@ -34,7 +34,7 @@ class CatalogueEvaluator:
         seed: sampling seed; the FD reference is drawn with `seed + 1`.
         steps: DDIM steps (None: the model's own).
         batch_size: images sampled at once.
-        paraphrase_images: images per synonym or paraphrase in `paraphrase_ua`.
+        paraphrase_images: images per synonym, paraphrase or description in `paraphrase_ua`.
     """
 
     def __init__(

@@ -242,10 +242,20 @@ def evaluate(
 
 
 def _probe(
-    p: Params, families: str, model, base, evaluator, names: list[str], out: Path, journal: Path | None = None
+    p: Params,
+    families: str,
+    model,
+    base,
+    evaluator,
+    names: list[str],
+    out: Path,
+    journal: Path | None = None,
+    stamp: dict | None = None,
+    stamps: dict | None = None,
 ) -> list:
     """`cul eval --probes`: the chosen probes on every forgotten concept, printed and plotted (with
-    `journal`, resumable concept by concept: `Prober.run`)."""
+    `journal`, resumable concept by concept: `Prober.run`). `stamp`: the code revision probing
+    (default: the checkout's now); `stamps` gets, per concept, the revision that probed it."""
     from cul.plots import probe_grid
     from cul.probes import ATTACKS, FAMILIES, Prober, base_cache
 
@@ -262,7 +272,12 @@ def _probe(
     )
     cache = base_cache(p.paths.reports, p.eval.steps)
     prober = Prober(evaluator.judge, spec, base, p.world.size, p.eval.steps, cache, log=console.print)
-    found = prober.run(model, names, journal=journal)
+    from cul.io.provenance import code_revision
+
+    stamp = stamp or dict(zip(("git_commit", "git_dirty"), code_revision("."), strict=True))
+    found = prober.run(model, names, journal=journal, stamp=stamp)
+    if stamps is not None:
+        stamps.update(prober.stamps)
     t = Table(title="recovery under each probe (share of the base model's recognition)")
     for col in ("concept", "probe", "recovery", "images", "base", "prompt"):
         t.add_column(col)
@@ -645,7 +660,9 @@ def bench(
 
         final = place(base.with_unet(step_unet(out, len(results))))
         names = [r["concept"] for r in results]
-        found = _probe(p, probes, final, base, evaluator, names, out, journal=out / "probes-journal.json")
+        stamps: dict = {}
+        here = dict(zip(("git_commit", "git_dirty"), started, strict=True))
+        found = _probe(p, probes, final, base, evaluator, names, out, out / "probes-journal.json", here, stamps)
         last = results[-1]
         keep = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "recipe_name", "recipe_hash", "git_commit")
         _write_json(
@@ -656,7 +673,10 @@ def bench(
                 "steps": len(results),
                 "after": {k: last.get(k) for k in keep},
                 **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
-                "probed_at": dict(zip(("git_commit", "git_dirty"), started, strict=True)),
+                # the code that probed: this process's, and per concept where a concept was read
+                # back from the journal of an earlier process at another revision
+                "probed_at": here,
+                **({"probed_at_by_concept": stamps} if any(v != here for v in stamps.values()) else {}),
                 "probe_spec": p.eval.probes.model_dump(mode="json"),
                 "families": probes,
                 "summary": summarise(found),

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from cul.world import CONCEPTS, HELD_OUT_TEMPLATES, Kind, Scene, World, caption, concept, fill
 
@@ -200,6 +201,7 @@ class Prober:
         self._key = base.digest(json.dumps([spec.seed, sample_steps]).encode())[:16]
         self._base_hits: dict[str, Any] = {}
         self.samples: dict[str, torch.Tensor] = {}  # probe name -> its first images (for the record)
+        self.stamps: dict[str, Any] = {}  # concept -> the `run(stamp=...)` that probed it
         if self.cache is not None and self.cache.exists():
             data = json.loads(self.cache.read_text())
             if data.get("key") == self._key:
@@ -425,27 +427,34 @@ class Prober:
         forgotten: Sequence[str],
         attacks: Sequence[str] | None = None,
         journal: str | Path | None = None,
+        stamp: Any = None,
     ) -> list[ProbeResult]:
         """Every probe of the spec (attacks: the spec's unless given) on the forgotten concepts it names.
 
         With `journal` (a JSON file, its sample images beside it in a .safetensors file), each
         concept's results are written as soon as they are done, keyed by the model's weights, the
-        spec and the concepts: a rerun on the same model continues after the last finished concept.
+        spec, the concepts, the attacks and every wording prompt: a rerun on the same model continues
+        after the last finished concept. `stamp` (say, the code revision) is kept with each concept's
+        results; `self.stamps` then says which stamp probed each concept, read back or new.
         """
         spec = self.spec
         names = list(forgotten) if spec.concepts == "all" else list(forgotten[-1:])
         attacks = list(spec.attacks if attacks is None else attacks)
-        key = model.digest(json.dumps([spec.model_dump(mode="json"), list(forgotten), attacks, self._key]).encode())
-        done = _read_journal(journal, key) if journal else {}
+        key, done = "", {}
+        if journal:
+            n = spec.images
+            wordings = [wording_prompts(c, forgotten, _scenes(concept(c), n)) for c in names] if spec.wording else []
+            what = [spec.model_dump(mode="json"), list(forgotten), attacks, self._key, wordings]
+            key = model.digest(json.dumps(what).encode())
+            done = _read_journal(journal, key)
         if done:
             self.log(f"probes: {len(done)} of {len(names)} concepts already done ({journal})")
-            pictures = Path(str(journal)).with_suffix(".safetensors")
-            if pictures.exists():
-                self.samples.update(load_file(str(pictures)))
+            self.samples.update(_read_pictures(Path(str(journal)), key))
         out: list[ProbeResult] = []
         for name in names:
             if name in done:
-                out += [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in done[name]]
+                out += [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in done[name]["records"]]
+                self.stamps[name] = done[name].get("stamp")
                 continue
             found: list[ProbeResult] = []
             if spec.wording:
@@ -454,27 +463,42 @@ class Prober:
                 self.log(f"probe {attack} on {name}")
                 found.append(self.attack(model, attack, name, forgotten))
             out += found
+            self.stamps[name] = stamp
             if journal:
-                done[name] = to_records(found)
+                done[name] = {"records": to_records(found), "stamp": stamp}
                 _write_journal(Path(journal), key, done, self.samples)
         return out
 
 
-def _read_journal(path: str | Path, key: str) -> dict[str, list[dict]]:
-    """The finished concepts of a probe journal written for `key` (nothing if another model or spec)."""
-    path = Path(path)
-    if not path.exists():
+def _read_journal(path: str | Path, key: str) -> dict[str, dict]:
+    """The finished concepts of a probe journal written for `key`: nothing if it was written for
+    another model, spec or wording, or cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return {}
-    data = json.loads(path.read_text())
-    return data["done"] if data.get("key") == key else {}
+    return data.get("done", {}) if isinstance(data, dict) and data.get("key") == key else {}
 
 
-def _write_journal(path: Path, key: str, done: dict[str, list[dict]], samples: dict[str, torch.Tensor]) -> None:
+def _read_pictures(journal: Path, key: str) -> dict[str, torch.Tensor]:
+    """The sample images kept beside a journal, if they were written for the same `key`."""
+    pictures = journal.with_suffix(".safetensors")
+    try:
+        with safe_open(str(pictures), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return {}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (OSError, ValueError, SafetensorError):
+        return {}
+
+
+def _write_journal(path: Path, key: str, done: dict[str, dict], samples: dict[str, torch.Tensor]) -> None:
+    """Both files atomically, the images first: a journal entry never points at missing images."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in samples.items()}
     pictures = path.with_suffix(".safetensors")
-    save_file(tensors, str(pictures.with_name(f".{pictures.name}-{os.getpid()}")))
-    os.replace(pictures.with_name(f".{pictures.name}-{os.getpid()}"), pictures)
+    tmp = pictures.with_name(f".{pictures.name}-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in samples.items()}, str(tmp), metadata={"key": key})
+    os.replace(tmp, pictures)
     tmp = path.with_name(f".{path.name}-{os.getpid()}")
     tmp.write_text(json.dumps({"key": key, "done": done}))
     os.replace(tmp, path)

@@ -174,7 +174,9 @@ def test_deletion_record_links_request_version_and_evidence(tmp_path):
     assert record["model"]["uri"] == "models:/cul-world/2" and record["model"]["dvc_stage"] == "step@s02"
     assert record["evidence"]["earlier_forgotten_ua"] == {"circle": 1.0}
     text = md.read_text()
-    assert "GDPR art. 17" in text and "UA when named `scarlet`" in text and "dvc repro --single-item step@s02" in text
+    assert (
+        "GDPR art. 17" in text and "UA when asked with `scarlet`" in text and "dvc repro --single-item step@s02" in text
+    )
     assert record["recipe"]["name"] == "dfr" and record["recipe"]["config"]["method"] == "dfr"
 
 

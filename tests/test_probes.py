@@ -90,7 +90,9 @@ def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_m
     assert cache.exists()
     b = Prober(judge, spec, base_model, sample_steps=4, cache=cache).run(base_model, ["red", "circle"], attacks=[])
     wording = [r.model_dump() for r in a if r.family == "wording"]
-    assert wording == [r.model_dump() for r in b if r.family == "wording"] and len(wording) == 14
+    assert wording == [r.model_dump() for r in b if r.family == "wording"]
+    expected = sum(len(wording_prompts(c, ["red", "circle"], [])) for c in ("red", "circle"))
+    assert len(wording) == expected == 16
     families = {r.family for r in a}
     assert families == {"wording", "soft_prompt", "adversarial", "relearn_retain", "relearn_neighbour"}
     for r in a:
@@ -116,18 +118,19 @@ def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_th
     spec = ProbeSpec(images=4, concepts="all")
     journal, base = tmp_path / "probes-journal.json", tmp_path / "base.json"  # the base model drawn once
     first = Prober(judge, spec, base_model, sample_steps=4, cache=base).run(
-        base_model, ["red", "circle"], journal=journal
+        base_model, ["red", "circle"], journal=journal, stamp="code A"
     )
     data = json.loads(journal.read_text())
     assert set(data["done"]) == {"red", "circle"} and journal.with_suffix(".safetensors").exists()
     # a crash after red: circle is missing, and red's figures are marked so a recomputation shows
     data["done"].pop("circle")
-    for r in data["done"]["red"]:
+    for r in data["done"]["red"]["records"]:
         r["prompt"] = "from the journal"
     journal.write_text(json.dumps(data))
     prober = Prober(judge, spec, base_model, sample_steps=4, cache=base)
-    again = prober.run(base_model, ["red", "circle"], journal=journal)
+    again = prober.run(base_model, ["red", "circle"], journal=journal, stamp="code B")
     assert all(r.prompt == "from the journal" for r in again if r.concept == "red")  # read back, not redrawn
+    assert prober.stamps == {"red": "code A", "circle": "code B"}  # which code probed each concept
     assert [r.model_dump() for r in again if r.concept == "circle"] == [
         r.model_dump() for r in first if r.concept == "circle"
     ]
@@ -140,6 +143,12 @@ def test_a_probe_journal_resumes_after_the_last_finished_concept_and_only_for_th
     assert len(fresh) == len(first) and not any(r.prompt == "from the journal" for r in fresh)
     rewritten = json.loads(journal.read_text())
     assert rewritten["key"] != data["key"] and set(rewritten["done"]) == {"red", "circle"}
+    # images of another key beside a journal are not taken; an unreadable journal is no journal
+    from cul.probes import _read_journal, _read_pictures
+
+    assert _read_pictures(journal, data["key"]) == {} and _read_pictures(journal, rewritten["key"])
+    journal.write_text('{"key": "trunc')
+    assert _read_journal(journal, rewritten["key"]) == {}
 
 
 # -- the confidence-bound gate ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +119,7 @@ class Tracker:
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.mlflow.log_metrics({k: float(v) for k, v in scalars.items()})
             for word, ua in (metrics.get("paraphrase_ua") or {}).items():
-                self.mlflow.log_metric(f"paraphrase_ua.{word.replace(' ', '_')}", ua)
+                self.mlflow.log_metric(f"paraphrase_ua.{re.sub(r'[^A-Za-z0-9_.-]', '_', word)}", ua)  # a valid name
             for family, summary in (metrics.get("probe_summary") or {}).items():  # cul.probes: worst per family
                 self.mlflow.log_metric(f"recovery_worst.{family}", summary["worst"])
             if metrics.get("probes"):
