@@ -285,8 +285,7 @@ def _probe(
         t.add_row(r.concept, r.probe, f"{100 * r.recovery:.0f}%", f"{r.hits}/{r.images}",
                   f"{r.base_hits}/{r.base_images}", r.prompt[:48])  # fmt: skip
     console.print(t)
-    labels = {r.name: f"{r.name} {100 * r.recovery:.0f}%" for r in found}
-    probe_grid(prober.samples, labels, out / "probes.png", "probes (recovery)")
+    probe_grid(prober.samples, {r.name: r.figure for r in found}, out / "probes.png", "probes (recovery)")
     return found
 
 

@@ -69,26 +69,38 @@ def labelled_grids(
     return _save(fig, path)
 
 
-def probe_grid(samples: dict[str, torch.Tensor], labels: dict[str, str], path: str | Path, title: str = "") -> Path:
-    """One row per robustness probe (`cul.probes`): its first images, labelled with its figure (a
-    figure that says so when no probe ran, so the step's declared plot always exists)."""
+def probe_grid(samples: dict[str, torch.Tensor], figures: dict[str, str], path: str | Path, title: str = "") -> Path:
+    """Robustness probes (`cul.probes`, sample names `PROBE:CONCEPT`) as a matrix: one row per
+    concept, one panel per probe with its first images, titled with the probe and its figure
+    (`figures[name]`, e.g. "6% (1/16)"). A figure that
+    says so when no probe ran, so the step's declared plot always exists."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(samples)
-    if not names:
+    if not samples:
         fig, ax = plt.subplots(figsize=(3.2, 1.0))
         ax.axis("off")
         ax.text(0.5, 0.5, "no robustness probe ran for this step", ha="center", va="center", fontsize=8)
         return _save(fig, path)
-    fig, axes = plt.subplots(len(names), 1, figsize=(3.2, 0.9 * len(names) + 0.6), squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        ax.imshow(image_grid(samples[name], len(samples[name])))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(labels.get(name, name)[:34], fontsize=6, rotation=0, ha="right", va="center")
+    rows: dict[str, list[str]] = {}
+    for name in samples:
+        rows.setdefault(name.rsplit(":", 1)[-1], []).append(name)
+    ncols = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols + 0.9, 1.45 * len(rows) + 0.5), squeeze=False)
+    for r, (concept, names) in enumerate(rows.items()):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(names):
+                ax.axis("off")
+                continue
+            images = samples[names[c]]
+            ax.imshow(image_grid(images, max(1, -(-len(images) // 2))))
+            probe = names[c][: -len(concept) - 1]
+            ax.set_title(f"{probe[:22]}\n{figures.get(names[c], '')}", fontsize=6)
+        axes[r, 0].set_ylabel(concept, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

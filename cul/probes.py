@@ -113,6 +113,11 @@ class ProbeResult(BaseModel):
     def name(self) -> str:
         return f"{self.probe}:{self.concept}"
 
+    @property
+    def figure(self) -> str:
+        """The recovery with its counts, e.g. "6% (1/16; base 16/16)"."""
+        return f"{100 * self.recovery:.0f}% ({self.hits}/{self.images}; base {self.base_hits}/{self.base_images})"
+
 
 def _scenes(c, n: int, offset: int = 0) -> list[Scene]:
     """n scenes of concept c, its other attributes cycled over every concept of their kinds (the

@@ -241,8 +241,8 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     )
     by_name = {r.name: r for r in probes}
     samples = prober.samples if prober is not None else {}
-    labels = {k: f"{k} {100 * by_name[k].recovery:.0f}%" for k in samples if k in by_name}
-    probe_grid(samples, labels, out_report / "probes.png", f"{spec.key}: probes (recovery)")
+    figures = {k: by_name[k].figure for k in samples if k in by_name}
+    probe_grid(samples, figures, out_report / "probes.png", f"{spec.key}: probes (recovery)")
     return probes, rounds
 
 

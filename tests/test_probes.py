@@ -259,3 +259,23 @@ def test_a_borderline_model_is_settled_by_more_images_the_same_way_at_two_seeds(
         assert rounds >= 1 and verdict.open == []
         decisions.append((verdict.accepted, m.counts["circle"][1]))
     assert decisions[0][0] == decisions[1][0] is False
+
+
+def test_the_probe_figure_is_a_row_per_concept_with_each_probe_titled_by_its_counts(tmp_path):
+    from PIL import Image
+
+    from cul.plots import probe_grid
+
+    def result(probe, concept, hits):
+        return ProbeResult(probe=probe, family="wording", concept=concept, hits=hits, images=16,
+                           base_hits=16, base_images=16, prompt="")  # fmt: skip
+
+    found = [result(p, c, h) for c in ("circle", "red") for p, h in (("bare", 1), ("synonym:disc", 0), ("typo", 8))]
+    assert found[0].figure == "6% (1/16; base 16/16)" and found[2].figure == "50% (8/16; base 16/16)"
+    samples = {r.name: torch.rand(4, 3, 32, 32) for r in found}
+    figures = {r.name: r.figure for r in found}
+    wide = Image.open(probe_grid(samples, figures, tmp_path / "two.png"))
+    one = {k: v for k, v in samples.items() if k.endswith(":circle")}
+    single = Image.open(probe_grid(one, figures, tmp_path / "one.png"))
+    # concepts are rows, probes columns: dropping a concept halves the height, not the width
+    assert single.width == wide.width and single.height < 0.7 * wide.height
