@@ -48,12 +48,26 @@ def _mean3(r: dict) -> float | None:
     return sum(trio) / 3 if all(v is not None for v in trio) else None  # type: ignore[arg-type]
 
 
+def relapses(results: list[dict], floor: float = 0.9) -> int | None:
+    """Steps after which some concept forgotten by then is still recognised in more than 1 - floor of
+    its images: the steps the gate's UA rule (`min_ua`, `min_ua_earlier`) rejects on its point
+    estimate. None where a result records no per-concept scores."""
+    if any("per_concept" not in r for r in results):
+        return None
+    gone: list[str] = []
+    count = 0
+    for r in results:
+        gone.append(r["concept"])
+        count += any(r["per_concept"].get(c, 0.0) > 1 - floor for c in gone)
+    return count
+
+
 def benchmark_table(runs: dict[str, list[dict]]) -> str:
     """Markdown: each method's metrics after its last step, and its mean cost per request."""
     head = (
         "| method | steps | UA | RA-I | RA-C | RA-N | mean(UA, RA-I, RA-C) | FD / base | drift "
-        "| s / request | replay images / request | recipe @ commit |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| steps a concept is back | s / request | replay images / request | recipe @ commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     first = next(iter(runs.values()), [])
@@ -61,16 +75,18 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
     if base:  # the base model judged by the same evaluation, against the same forgotten set
         rows.append(
             f"| base model (reference) | 0 | {pct(base.get('ua'))} | {pct(base.get('ra_in'))} "
-            f"| {pct(base.get('ra_cross'))} | {pct(base.get('ra_neighbour'))} | - | 1.00 | 0.00 | - | - | - |"
+            f"| {pct(base.get('ra_cross'))} | {pct(base.get('ra_neighbour'))} | - | 1.00 | 0.00 | - | - | - | - |"
         )
     for name, results in runs.items():
         r = results[-1]
         secs = sum(x["seconds"] for x in results) / len(results)
         imgs = sum(x.get("replay_images", 0) for x in results) / len(results)
+        back = relapses(results)
         rows.append(
             f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "
-            f"| {times(r.get('drift'))} | {secs:.0f} | {imgs:.0f} | {_made_by(r)} |"
+            f"| {times(r.get('drift'))} | {'-' if back is None else f'{back} of {len(results)}'} "
+            f"| {secs:.0f} | {imgs:.0f} | {_made_by(r)} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -151,7 +151,15 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
         "git_commit": "feedbeef" * 5,
         "git_dirty": False,
     }
-    runs = {"a": [step(1, "circle", 0.5, 1.2), step(2, "red", 0.6, 1.4)], "b": [step(1, "circle", 1.0, 2.0) | made_by]}
+    # per concept: circle is back in 25% of its images after request 1, gone after request 2
+    scores = [{"circle": 0.25, "red": 1.0}, {"circle": 0.0, "red": 0.0625}]
+    runs = {
+        "a": [
+            step(1, "circle", 0.5, 1.2) | {"per_concept": scores[0]},
+            step(2, "red", 0.6, 1.4) | {"per_concept": scores[1]},
+        ],
+        "b": [step(1, "circle", 1.0, 2.0) | made_by],
+    }
     for name, rows in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(rows))
@@ -167,6 +175,7 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert lines[0].startswith("| base model") and "| 95.0 |" in lines[0]
     # method a: its last step (2), mean of UA 60, RA-I 90, RA-C 80 = 76.7, mean cost 101.5 -> 102
     assert lines[1].startswith("| a | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 76.7 | 1.40 |") and "| 102 |" in lines[1]
+    assert "| 1 of 2 |" in lines[1] and "| 1.50 | - | 101 |" in lines[2]  # the UA rule fails after request 1 only
     assert lines[2].startswith("| b-recipe | 1 | 100.0 |") and lines[2].endswith("| `01234567` @ `feedbee` |")
     assert lines[1].endswith("| - |")  # a result that records no recipe says so
     assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
