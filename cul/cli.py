@@ -712,6 +712,14 @@ def report(
     metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
     console.print((out / "table.md").read_text())
     console.print(f"-> {out}/table.md, {out}/metrics.png")
+    if robust:
+        from cul.plots import robustness_bars
+        from cul.reports import load_robustness
+
+        records = load_robustness(runs)
+        steps = sorted({r["steps"] for r in records.values()})
+        title = f"recovery after {'/'.join(map(str, steps))} requests (cul bench --probes all)"
+        console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")
 
 
 hooks_app = typer.Typer(help="Promotion in the MLflow UI starts the next request (a webhook).", no_args_is_help=True)

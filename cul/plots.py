@@ -192,6 +192,43 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     return _save(fig, path)
 
 
+def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 0.05, title: str = "") -> Path:
+    """Recovery under each probe family (`cul.probes.FAMILIES`), one bar group per family and one
+    bar per run: the bar is the mean over the run's forgotten concepts, the dot the worst concept.
+    `records` maps a run's label to its `robustness.json`; the dashed line is `target`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cul.probes import FAMILIES
+
+    width = 0.8 / max(1, len(records))
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
+    fig, ax = plt.subplots(figsize=(2.0 * len(FAMILIES) + 1.5, 3.8))
+    for i, (label, record) in enumerate(records.items()):
+        xs, means, worsts = [], [], []
+        for j, fam in enumerate(FAMILIES):
+            s = record["summary"].get(fam)
+            if s:
+                xs.append(j - 0.4 + width * (i + 0.5))
+                means.append(100 * s["mean"])
+                worsts.append(100 * s["worst"])
+        colour = colours[i % len(colours)]
+        ax.bar(xs, means, width * 0.9, color=colour, label=f"{label} (mean)")
+        ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
+    ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst concept")
+    ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"target {100 * target:.0f}%")
+    ax.set_xticks(range(len(FAMILIES)), [f.replace("_", " ") for f in FAMILIES])
+    ax.set_ylabel("recovery (% of the base model's)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def before_after(
     before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:

@@ -126,14 +126,22 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_robustness(folder: str | Path) -> dict[str, dict]:
+    """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's method name."""
+    found = {}
+    for f in sorted(Path(folder).glob("*/robustness.json")):
+        r = json.loads(f.read_text())
+        found[r.get("method") or f.parent.name] = r
+    return found
+
+
 def robustness_table(folder: str | Path) -> str:
     """Markdown: for every FOLDER/*/robustness.json (`cul bench --probes`), the worst and mean
     recovery of each probe family over the forgotten concepts, beside UA, RA and FD after the run."""
     from cul.probes import FAMILIES
 
     rows = []
-    for f in sorted(Path(folder).glob("*/robustness.json")):
-        r = json.loads(f.read_text())
+    for r in load_robustness(folder).values():
         last = r["after"]
         cells = []
         for fam in FAMILIES:

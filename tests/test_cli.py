@@ -163,10 +163,18 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     for name, rows in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(rows))
+    # run a was probed after its last request: its recovery per family, worst and mean
+    summary = {"wording": {"mean": 0.125, "worst": 0.5, "worst_probe": "bare:red", "probes": 4}}
+    after = {"ua": 0.6, "ra_in": 0.9, "ra_cross": 0.8, "ra_neighbour": 0.7, "fd_ratio": 1.4}
+    robustness = {"method": "a", "sequence": "s.yaml", "steps": 2, "after": after, "summary": summary}
+    (tmp_path / "a" / "robustness.json").write_text(json.dumps(robustness))
     result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "table.md").read_text()
-    summary, rest = table.split("### At equal steps")
+    attack = table.split("### Under attack")[1].split("###")[0]
+    assert "| a | s.yaml | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 1.40 | 50.0 / 12.5 | - |" in attack
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+    summary, rest = table.split("### Under attack")[0], table.split("### At equal steps")[1]
     side = rest.split("### Every step")[0]
     # at equal steps: b stops after request 1, a goes on; a's mean after 1 is (50 + 90 + 80) / 3
     assert "b-recipe: mean / FDx" in side  # a run is named by the recipe its results record
