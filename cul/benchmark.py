@@ -96,9 +96,11 @@ def run_sequence(
     progress: bool = True,
     log: Callable[[str], None] = print,
     catalogue=None,
+    order_seed: int | None = None,
 ) -> list[dict]:
     """Process `requests` in order; write OUT/results.json after every step; resume if present.
-    `catalogue` (a `Catalogue` other than the world's) builds each step's prompts from it."""
+    `catalogue` (a `Catalogue` other than the world's) builds each step's prompts from it;
+    `order_seed`, the seed that shuffled the sequence's order (recorded with every step)."""
     on_world = catalogue is None or catalogue.name == "world"
     if not on_world and recipe.mode == "simultaneous":
         raise BenchmarkError("simultaneous erasure is built on the world's scenes only")
@@ -187,6 +189,7 @@ def run_sequence(
             "base": m.base.model_dump() if m.base else None,
             "per_concept": m.per_concept,
             "history": result.history,
+            **({"order_seed": order_seed} if order_seed is not None else {}),
             **made_by,
         }
         step_dir.mkdir(parents=True, exist_ok=True)

@@ -647,6 +647,7 @@ def bench(
             progress=not quiet,
             log=console.print,
             catalogue=catalogue,
+            order_seed=order_seed,
         )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e
@@ -669,6 +670,7 @@ def bench(
             {
                 "method": name,
                 "sequence": sequence.name,
+                **({"order_seed": order_seed} if order_seed is not None else {}),
                 "steps": len(results),
                 "after": {k: last.get(k) for k in keep},
                 **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},

@@ -25,14 +25,20 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
     )
 
 
+def _label(record: dict, name: str | None, folder: Path) -> str:
+    """A run's name: its recipe's (the folder's where it records none), with the request order's
+    seed when `--order-seed` shuffled the sequence."""
+    seed = record.get("order_seed")
+    return (name or folder.name) + (f" (order {seed})" if seed is not None else "")
+
+
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
-    """Every FOLDER/*/results.json that has steps, keyed by the recipe name its results record (the
-    folder's name for a result that records none)."""
+    """Every FOLDER/*/results.json that has steps, keyed by its run's name (`_label`)."""
     runs = {}
     for f in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(f.read_text())
         if results:
-            runs[results[-1].get("recipe_name") or f.parent.name] = results
+            runs[_label(results[-1], results[-1].get("recipe_name"), f.parent)] = results
     return runs
 
 
@@ -127,11 +133,11 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
 
 
 def load_robustness(folder: str | Path) -> dict[str, dict]:
-    """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's method name."""
+    """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's name (`_label`)."""
     found = {}
     for f in sorted(Path(folder).glob("*/robustness.json")):
         r = json.loads(f.read_text())
-        found[r.get("method") or f.parent.name] = r
+        found[_label(r, r.get("method"), f.parent)] = r
     return found
 
 
@@ -141,14 +147,14 @@ def robustness_table(folder: str | Path) -> str:
     from cul.probes import FAMILIES
 
     rows = []
-    for r in load_robustness(folder).values():
+    for label, r in load_robustness(folder).items():
         last = r["after"]
         cells = []
         for fam in FAMILIES:
             s = r["summary"].get(fam)
             cells.append(f"{pct(s['worst'])} / {pct(s['mean'])}" if s else "-")
         rows.append(
-            f"| {r['method']} | {r['sequence']} | {r['steps']} | {pct(last.get('ua'))} | {pct(last.get('ra_in'))} "
+            f"| {label} | {r['sequence']} | {r['steps']} | {pct(last.get('ua'))} | {pct(last.get('ra_in'))} "
             f"| {pct(last.get('ra_cross'))} | {pct(last.get('ra_neighbour'))} | {times(last.get('fd_ratio'))} | "
             + " | ".join(cells)
             + f" | {_made_by(r)} |"

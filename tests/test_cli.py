@@ -159,6 +159,8 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
             step(2, "red", 0.6, 1.4) | {"per_concept": scores[1]},
         ],
         "b": [step(1, "circle", 1.0, 2.0) | made_by],
+        # the same recipe on the sequence shuffled by --order-seed 3: a run of its own
+        "b-order3": [step(1, "red", 1.0, 2.0) | made_by | {"order_seed": 3}],
     }
     for name, rows in runs.items():
         (tmp_path / name).mkdir()
@@ -185,6 +187,7 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert lines[1].startswith("| a | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 76.7 | 1.40 |") and "| 102 |" in lines[1]
     assert "| 1 of 2 |" in lines[1] and "| 1.50 | - | 101 |" in lines[2]  # the UA rule fails after request 1 only
     assert lines[2].startswith("| b-recipe | 1 | 100.0 |") and lines[2].endswith("| `01234567` @ `feedbee` |")
+    assert lines[3].startswith("| b-recipe (order 3) | 1 | 100.0 |")
     assert lines[1].endswith("| - |")  # a result that records no recipe says so
     assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
     assert (tmp_path / "metrics.png").stat().st_size > 0
