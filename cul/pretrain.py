@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from diffusers.training_utils import EMAModel
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
@@ -102,6 +101,8 @@ class Pretrainer:
         self.world = world or World(size=unet_config.sample_size, seed=cfg.seed)
         self.unet = self.model.unet.train()
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from diffusers.training_utils import EMAModel  # here: reading settings needs no diffusers
+
         self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
         self.step = 0
         self.history: list[dict] = []

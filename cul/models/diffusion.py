@@ -21,14 +21,17 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from cul import threads
 from cul.device import autocast, place
 from cul.text import MINILM, TextEncoder
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: reading settings needs no diffusers
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 MODEL_FILE = "cul_model.json"
 
@@ -56,6 +59,8 @@ class WorldUNetConfig(BaseModel):
     text_max_length: int = 16
 
     def build(self, text_dim: int) -> UNet2DConditionModel:
+        from diffusers import UNet2DConditionModel
+
         n = len(self.block_out_channels)
         down = ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"]
         up = ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1)
@@ -79,6 +84,8 @@ class WorldUNetConfig(BaseModel):
 
 def train_scheduler() -> DDPMScheduler:
     """The forward process of the world model: DDPM, 1000 steps, cosine schedule."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
@@ -129,6 +136,8 @@ class DiffusionModel:
         return self.scheduler.add_noise(x0, noise, t)
 
     def sampler(self, steps: int | None = None) -> DDIMScheduler:
+        from diffusers import DDIMScheduler
+
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         ddim.set_timesteps(steps or self.sampling.steps)
         return ddim
@@ -204,6 +213,8 @@ class DiffusionModel:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"no UNet weights at {path}")
+        from diffusers import UNet2DConditionModel
+
         clone = copy.copy(self)
         clone.unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True).eval()
         return clone
@@ -239,6 +250,8 @@ class WorldDiffusion(DiffusionModel):
     def from_pretrained(cls, path: str | Path, text: TextEncoder | None = None) -> WorldDiffusion:
         path = Path(path)
         meta = json.loads((path / MODEL_FILE).read_text())
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
         unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         text = text or TextEncoder.from_minilm(meta.get("text_max_length", 16))
@@ -251,6 +264,8 @@ class StableDiffusion(DiffusionModel):
     kind = "stable-diffusion"
 
     def __init__(self, pipe, sampling: SamplingConfig | None = None) -> None:
+        from diffusers import DDPMScheduler
+
         text = TextEncoder.from_pipeline(pipe.tokenizer, pipe.text_encoder)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe.unet, scheduler, text, sampling or SamplingConfig(steps=30, guidance=7.5))
