@@ -67,7 +67,7 @@ def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
     return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
 
 
-def _load_results(out: Path, recipe: Recipe, name: str, log: Callable) -> list[dict]:
+def _load_results(out: Path, recipe: Recipe, name: str, log: Callable, order_seed: int | None = None) -> list[dict]:
     results_file = out / "results.json"
     results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
     made_by = {r.get("recipe_hash") for r in results}
@@ -75,6 +75,12 @@ def _load_results(out: Path, recipe: Recipe, name: str, log: Callable) -> list[d
         raise BenchmarkError(
             f"{results_file} was made by another recipe (hash {', '.join(sorted(map(str, made_by)))}, this one "
             f"{recipe_hash(recipe)}): give this recipe its own name or --out folder"
+        )
+    seeds = {r.get("order_seed") for r in results}
+    if results and seeds != {order_seed}:
+        raise BenchmarkError(
+            f"{results_file} holds requests in another order (--order-seed {', '.join(map(str, seeds))}, this run "
+            f"{order_seed}): give this order its own --out folder"
         )
     if results and not step_unet(out, len(results)).exists():
         log(
@@ -106,7 +112,7 @@ def run_sequence(
         raise BenchmarkError("simultaneous erasure is built on the world's scenes only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = _load_results(out, recipe, name, log)
+    results = _load_results(out, recipe, name, log, order_seed)
     made_by = provenance(name, recipe)
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
     if not evaluator.has_base:

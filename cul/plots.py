@@ -69,10 +69,19 @@ def labelled_grids(
     return _save(fig, path)
 
 
+def probe_rows(names) -> dict[str, list[str]]:
+    """Probe sample names (`PROBE:CONCEPT`, the probe itself may hold a colon: `synonym:hoop:ring`)
+    grouped by concept, in order."""
+    rows: dict[str, list[str]] = {}
+    for name in names:
+        rows.setdefault(name.rsplit(":", 1)[-1], []).append(name)
+    return rows
+
+
 def probe_grid(samples: dict[str, torch.Tensor], figures: dict[str, str], path: str | Path, title: str = "") -> Path:
     """Robustness probes (`cul.probes`, sample names `PROBE:CONCEPT`) as a matrix: one row per
     concept, one panel per probe with its first images, titled with the probe and its figure
-    (`figures[name]`, e.g. "6% (1/16)"). A figure that
+    (`figures[name]`, e.g. "6% (1/16; base 16/16)"). A figure that
     says so when no probe ran, so the step's declared plot always exists."""
     import matplotlib
 
@@ -84,9 +93,7 @@ def probe_grid(samples: dict[str, torch.Tensor], figures: dict[str, str], path: 
         ax.axis("off")
         ax.text(0.5, 0.5, "no robustness probe ran for this step", ha="center", va="center", fontsize=8)
         return _save(fig, path)
-    rows: dict[str, list[str]] = {}
-    for name in samples:
-        rows.setdefault(name.rsplit(":", 1)[-1], []).append(name)
+    rows = probe_rows(samples)
     ncols = max(len(v) for v in rows.values())
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols + 0.9, 1.45 * len(rows) + 0.5), squeeze=False)
     for r, (concept, names) in enumerate(rows.items()):
@@ -194,7 +201,8 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
 
 def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 0.05, title: str = "") -> Path:
     """Recovery under each probe family (`cul.probes.FAMILIES`), one bar group per family and one
-    bar per run: the bar is the mean over the run's forgotten concepts, the dot the worst concept.
+    bar per run: the bar is the mean over the family's probes of every forgotten concept (those the
+    base model reads, `cul.probes.summarise`), the dot the worst probe.
     `records` maps a run's label to its `robustness.json`; the dashed line is `target`."""
     import matplotlib
 
@@ -217,7 +225,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
         colour = colours[i % len(colours)]
         ax.bar(xs, means, width * 0.9, color=colour, label=f"{label} (mean)")
         ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
-    ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst concept")
+    ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst probe")
     ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"target {100 * target:.0f}%")
     ax.set_xticks(range(len(FAMILIES)), [f.replace("_", " ") for f in FAMILIES])
     ax.set_ylabel("recovery (% of the base model's)")

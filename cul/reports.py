@@ -25,11 +25,12 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
     )
 
 
-def _label(record: dict, name: str | None, folder: Path) -> str:
+def _label(record: dict, name: str | None, folder: Path, taken: dict) -> str:
     """A run's name: its recipe's (the folder's where it records none), with the request order's
-    seed when `--order-seed` shuffled the sequence."""
+    seed when `--order-seed` shuffled the sequence, and its folder when another run has that name."""
     seed = record.get("order_seed")
-    return (name or folder.name) + (f" (order {seed})" if seed is not None else "")
+    label = (name or folder.name) + (f" (order {seed})" if seed is not None else "")
+    return f"{label} [{folder.name}]" if label in taken else label
 
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
@@ -38,7 +39,7 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     for f in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(f.read_text())
         if results:
-            runs[_label(results[-1], results[-1].get("recipe_name"), f.parent)] = results
+            runs[_label(results[-1], results[-1].get("recipe_name"), f.parent, runs)] = results
     return runs
 
 
@@ -56,15 +57,17 @@ def _mean3(r: dict) -> float | None:
 
 def relapses(results: list[dict], floor: float = 0.9) -> int | None:
     """Steps after which some concept forgotten by then is still recognised in more than 1 - floor of
-    its images: the steps the gate's UA rule (`min_ua`, `min_ua_earlier`) rejects on its point
-    estimate. None where a result records no per-concept scores."""
+    its images, or has no score: the steps the gate's UA rule (`min_ua`, `min_ua_earlier`, 0.9 in
+    production) rejects on its point estimate. None where a result records no per-concept scores."""
+    from cul.gate import EPS
+
     if any("per_concept" not in r for r in results):
         return None
     gone: list[str] = []
     count = 0
     for r in results:
         gone.append(r["concept"])
-        count += any(r["per_concept"].get(c, 0.0) > 1 - floor for c in gone)
+        count += any(r["per_concept"].get(c, 1.0) > 1 - floor + EPS for c in gone)
     return count
 
 
@@ -137,7 +140,7 @@ def load_robustness(folder: str | Path) -> dict[str, dict]:
     found = {}
     for f in sorted(Path(folder).glob("*/robustness.json")):
         r = json.loads(f.read_text())
-        found[_label(r, r.get("method"), f.parent)] = r
+        found[_label(r, r.get("method"), f.parent, found)] = r
     return found
 
 

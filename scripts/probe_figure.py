@@ -28,8 +28,14 @@ def main() -> None:
         raise SystemExit(f"{run} has no robustness.json or no {journal.name}: run `cul bench --probes` there")
     record = json.loads((run / "robustness.json").read_text())
     found = [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in record["probes"]]
+    # the journal must hold these very results (a later, interrupted probing would hold another model's)
+    kept = json.loads(journal.with_suffix(".json").read_text()).get("done", {})
+    journalled = {ProbeResult(**r).name: r["hits"] for c in kept.values() for r in c["records"]}
+    if any(journalled.get(r.name) != r.hits for r in found):
+        raise SystemExit(f"{journal} holds other results than {run / 'robustness.json'}: rerun `cul bench --probes`")
     samples = load_file(journal)
-    title = f"{record['method']} after {record['steps']} requests of {record['sequence']}: probes (recovery)"
+    order = f" (order {record['order_seed']})" if record.get("order_seed") is not None else ""
+    title = f"{record['method']}{order} after {record['steps']} requests of {record['sequence']}: probes (recovery)"
     path = probe_grid({r.name: samples[r.name] for r in found if r.name in samples}, {r.name: r.figure for r in found},
                       run / "probes.png", title)  # fmt: skip
     print(path)

@@ -191,3 +191,13 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert lines[1].endswith("| - |")  # a result that records no recipe says so
     assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
     assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
+def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back():
+    from cul.reports import relapses
+
+    at_limit = [{"concept": "circle", "per_concept": {"circle": 0.1}}]
+    assert relapses(at_limit) == 0  # 1 of 10 images: exactly the gate's 10%, which it passes
+    missing = at_limit + [{"concept": "red", "per_concept": {"circle": 0.0}}]
+    assert relapses(missing) == 1  # red has no score after its own request: the gate rejects that
+    assert relapses(missing + [{"concept": "star"}]) is None  # a step without scores: unknown

@@ -264,7 +264,7 @@ def test_a_borderline_model_is_settled_by_more_images_the_same_way_at_two_seeds(
 def test_the_probe_figure_is_a_row_per_concept_with_each_probe_titled_by_its_counts(tmp_path):
     from PIL import Image
 
-    from cul.plots import probe_grid
+    from cul.plots import probe_grid, probe_rows
 
     def result(probe, concept, hits):
         return ProbeResult(probe=probe, family="wording", concept=concept, hits=hits, images=16,
@@ -277,5 +277,13 @@ def test_the_probe_figure_is_a_row_per_concept_with_each_probe_titled_by_its_cou
     wide = Image.open(probe_grid(samples, figures, tmp_path / "two.png"))
     one = {k: v for k, v in samples.items() if k.endswith(":circle")}
     single = Image.open(probe_grid(one, figures, tmp_path / "one.png"))
-    # concepts are rows, probes columns: dropping a concept halves the height, not the width
+    narrow = Image.open(
+        probe_grid({k: v for k, v in samples.items() if k.startswith("bare:")}, figures, tmp_path / "n.png")
+    )
+    # concepts are rows, probes columns: dropping a concept lowers the figure, dropping probes narrows it
     assert single.width == wide.width and single.height < 0.7 * wide.height
+    assert narrow.height == wide.height and narrow.width < 0.6 * wide.width
+    assert probe_rows(["synonym:hoop:ring", "bare:ring", "bare:red"]) == {
+        "ring": ["synonym:hoop:ring", "bare:ring"],
+        "red": ["bare:red"],
+    }

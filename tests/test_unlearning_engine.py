@@ -188,6 +188,9 @@ def test_two_request_smoke_run_resumes_and_writes_results(tiny_world_model, judg
             progress=False,
             log=lambda m: None,
         )
+    # nor is a folder resumed in another request order (--order-seed)
+    with pytest.raises(BenchmarkError, match="another order"):
+        run_sequence(base_model, evaluator, requests, recipe, tmp_path, name="tiny", order_seed=3, progress=False)
     assert 0 <= stored[-1]["ua"] <= 1 and stored[-1]["drift"] > 0
     assert (tmp_path / "steps" / "02" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     second = PromptSet.load(tmp_path / "steps" / "02" / "prompts.json")
