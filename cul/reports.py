@@ -35,7 +35,7 @@ def _label(record: dict, name: str | None, folder: Path, taken: dict) -> str:
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     """Every FOLDER/*/results.json that has steps, keyed by its run's name (`_label`)."""
-    runs = {}
+    runs: dict[str, list[dict]] = {}
     for f in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(f.read_text())
         if results:
@@ -137,7 +137,7 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
 
 def load_robustness(folder: str | Path) -> dict[str, dict]:
     """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's name (`_label`)."""
-    found = {}
+    found: dict[str, dict] = {}
     for f in sorted(Path(folder).glob("*/robustness.json")):
         r = json.loads(f.read_text())
         found[_label(r, r.get("method"), f.parent, found)] = r
