@@ -695,14 +695,15 @@ def report(
     """Combine benchmark runs: a markdown table of the last step of each method, and plots of
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
-    from cul.reports import benchmark_table, load_runs, robustness_table, side_by_side, steps_table
+    from cul.reports import benchmark_table, load_robustness, load_runs, robustness_table, side_by_side, steps_table
 
     out = out or runs
     found = load_runs(runs)
     if not found:
         raise typer.BadParameter(f"no */results.json under {runs}")
     out.mkdir(parents=True, exist_ok=True)
-    robust = robustness_table(runs)
+    records = load_robustness(runs)
+    robust = robustness_table(records)
     (out / "table.md").write_text(
         benchmark_table(found)
         + ("\n### Under attack (`cul bench --probes all`)\n\n" + robust if robust else "")
@@ -714,11 +715,9 @@ def report(
     metric_curves(found, out / "metrics.png", "continual unlearning on the world: all methods")
     console.print((out / "table.md").read_text())
     console.print(f"-> {out}/table.md, {out}/metrics.png")
-    if robust:
+    if records:
         from cul.plots import robustness_bars
-        from cul.reports import load_robustness
 
-        records = load_robustness(runs)
         steps = sorted({r["steps"] for r in records.values()})
         title = f"recovery after {'/'.join(map(str, steps))} requests (cul bench --probes all)"
         console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")

@@ -458,7 +458,7 @@ class Prober:
         out: list[ProbeResult] = []
         for name in names:
             if name in done:
-                out += [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in done[name]["records"]]
+                out += from_records(done[name]["records"])
                 self.stamps[name] = done[name].get("stamp")
                 continue
             found: list[ProbeResult] = []
@@ -530,3 +530,8 @@ def summarise(results: Sequence[ProbeResult], min_base_rate: float = 0.5) -> dic
 def to_records(results: Sequence[ProbeResult]) -> list[dict]:
     """Results as JSON records with their rate and recovery."""
     return [{**r.model_dump(), "recovery": r.recovery} for r in results]
+
+
+def from_records(records: Sequence[dict]) -> list[ProbeResult]:
+    """`to_records`'s inverse: the recovery is derived again from the counts."""
+    return [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in records]

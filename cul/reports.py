@@ -144,13 +144,13 @@ def load_robustness(folder: str | Path) -> dict[str, dict]:
     return found
 
 
-def robustness_table(folder: str | Path) -> str:
-    """Markdown: for every FOLDER/*/robustness.json (`cul bench --probes`), the worst and mean
-    recovery of each probe family over the forgotten concepts, beside UA, RA and FD after the run."""
+def robustness_table(records: dict[str, dict]) -> str:
+    """Markdown: for every probed run (`load_robustness`: label -> robustness.json), the worst and
+    mean recovery of each probe family over the forgotten concepts, beside UA, RA and FD after the run."""
     from cul.probes import FAMILIES
 
     rows = []
-    for label, r in load_robustness(folder).items():
+    for label, r in records.items():
         last = r["after"]
         cells = []
         for fam in FAMILIES:

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cul.plots import probe_grid
-from cul.probes import ProbeResult
+from cul.probes import from_records
 
 
 def main() -> None:
@@ -27,10 +27,10 @@ def main() -> None:
     if not (run / "robustness.json").exists() or not journal.exists():
         raise SystemExit(f"{run} has no robustness.json or no {journal.name}: run `cul bench --probes` there")
     record = json.loads((run / "robustness.json").read_text())
-    found = [ProbeResult(**{k: v for k, v in r.items() if k != "recovery"}) for r in record["probes"]]
+    found = from_records(record["probes"])
     # the journal must hold these very results (a later, interrupted probing would hold another model's)
     kept = json.loads(journal.with_suffix(".json").read_text()).get("done", {})
-    journalled = {ProbeResult(**r).name: r["hits"] for c in kept.values() for r in c["records"]}
+    journalled = {r.name: r.hits for c in kept.values() for r in from_records(c["records"])}
     if any(journalled.get(r.name) != r.hits for r in found):
         raise SystemExit(f"{journal} holds other results than {run / 'robustness.json'}: rerun `cul bench --probes`")
     samples = load_file(journal)
