@@ -28,6 +28,19 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings f
 
 # exit codes: what kind of failure it was (typer's own usage errors, bad options and params, are 2)
 REFUSED, BUSY, STOPPED = 1, 3, 4  # bad input refused / another run holds the lineage / the pipeline stopped
+INTERRUPTED = 130  # Ctrl-C or SIGTERM (the shell's convention for SIGINT)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`kill`, `timeout`, a scheduler) ends a run as Ctrl-C does: Prefect marks the
+    flow run crashed, context managers release the lineage and end the MLflow run as failed, and
+    the user reads a message instead of a traceback."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _fail(message: str, code: int = REFUSED) -> NoReturn:
@@ -361,13 +374,17 @@ def run(
     from cul.pipeline import PipelineError
 
     p = _params(params)
+    _sigterm_as_interrupt()
     if not lineage_lock(p.pipeline).is_free():
         _fail(
             f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "
             "nothing. Wait for it to finish, or stop it, and run again.",
             BUSY,
         )
-    _ensure_base(p, params, quiet)
+    try:
+        _ensure_base(p, params, quiet)
+    except KeyboardInterrupt:
+        _fail("interrupted while building the world; run again to continue", INTERRUPTED)
     queue = open_queue(p.pipeline)
     if not queue.items():
         todo = load_sequence(p.pipeline.default_requests)
@@ -396,6 +413,12 @@ def run(
             _fail(str(e), BUSY)
         except PipelineError as e:
             _fail(str(e), STOPPED)
+        except KeyboardInterrupt:
+            _fail(
+                "interrupted. Requests not finished stay in the queue (`cul request list`); the next "
+                "`cul run` takes them up, a step that was cut short from its start.",
+                INTERRUPTED,
+            )
         seconds = time.perf_counter() - t0
     _print_steps(results, seconds, p)
     if summary:

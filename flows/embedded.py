@@ -69,7 +69,12 @@ def embedded_server(timeout: float = 180.0, log: Path | None = None) -> Iterator
         "on",
     ]
     server = subprocess.Popen(
-        cmd, env=env, stdout=out or subprocess.DEVNULL, stderr=out or subprocess.DEVNULL, preexec_fn=_die_with_parent
+        cmd,
+        env=env,
+        stdout=out or subprocess.DEVNULL,
+        stderr=out or subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # Ctrl-C (SIGINT to the terminal's group) reaches `cul run`, not its server
     )
     try:
         deadline = time.monotonic() + timeout
