@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,16 +33,27 @@ REFUSED, BUSY, STOPPED = 1, 3, 4  # bad input refused / another run holds the li
 INTERRUPTED = 130  # Ctrl-C or SIGTERM (the shell's convention for SIGINT)
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (`kill`, `timeout`, a scheduler) ends a run as Ctrl-C does: Prefect marks the
-    flow run crashed, context managers release the lineage and end the MLflow run as failed, and
-    the user reads a message instead of a traceback."""
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (`kill`, `timeout`, a scheduler) ends a run as Ctrl-C does:
+    Prefect marks the flow run crashed, context managers release the lineage and end the MLflow
+    run as failed, and the user reads a message instead of a traceback. The previous handler is
+    put back after; off the main thread (where Python allows no handler) nothing changes."""
     import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int = REFUSED) -> NoReturn:
@@ -368,13 +381,18 @@ def run(
     """The main job: queue the default requests (if the queue is empty), then run the continual
     flow on the embedded defaults (temporary Prefect server, MLflow in ./mlflow.db, the DVC
     remote of .dvc/config) and print what happened and where to look."""
+    p = _params(params)
+    with _sigterm_as_interrupt():
+        _run(p, params, quick, limit, summary, quiet)
+
+
+def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path | None, quiet: bool) -> None:
+    """`cul run`'s body, with settings `p` read from the file `params`."""
     from cul.benchmark import load_sequence
     from cul.io.database import lineage_lock, open_queue
     from cul.io.locks import LockBusy
     from cul.pipeline import PipelineError
 
-    p = _params(params)
-    _sigterm_as_interrupt()
     if not lineage_lock(p.pipeline).is_free():
         _fail(
             f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "

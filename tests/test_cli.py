@@ -201,3 +201,22 @@ def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back
     missing = at_limit + [{"concept": "red", "per_concept": {"circle": 0.0}}]
     assert relapses(missing) == 1  # red has no score after its own request: the gate rejects that
     assert relapses(missing + [{"concept": "star"}]) is None  # a step without scores: unknown
+
+
+def test_sigterm_interrupts_a_run_like_ctrl_c_and_the_old_handler_comes_back():
+    import os
+    import signal
+    import time
+
+    from cul.cli import _sigterm_as_interrupt
+
+    seen: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # never kills pytest
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: never reached
+        assert signal.getsignal(signal.SIGTERM) is before and seen == []
+    finally:
+        signal.signal(signal.SIGTERM, original)
