@@ -103,17 +103,20 @@ def run_sequence(
     log: Callable[[str], None] = print,
     catalogue=None,
     order_seed: int | None = None,
+    code: tuple[str, bool] | None = None,
 ) -> list[dict]:
     """Process `requests` in order; write OUT/results.json after every step; resume if present.
     `catalogue` (a `Catalogue` other than the world's) builds each step's prompts from it;
-    `order_seed`, the seed that shuffled the sequence's order (recorded with every step)."""
+    `order_seed`, the seed that shuffled the sequence's order (recorded with every step); `code`,
+    the (commit, dirty) the process started from (`code_revision`), recorded with every step
+    (default: taken when this function starts, after any setup that came before it)."""
     on_world = catalogue is None or catalogue.name == "world"
     if not on_world and recipe.mode == "simultaneous":
         raise BenchmarkError("simultaneous erasure is built on the world's scenes only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = _load_results(out, recipe, name, log, order_seed)
-    made_by = provenance(name, recipe)
+    made_by = provenance(name, recipe, code=code)
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
     if not evaluator.has_base:
         evaluator.set_base(base_model)

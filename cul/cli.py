@@ -689,6 +689,7 @@ def bench(
             log=console.print,
             catalogue=catalogue,
             order_seed=order_seed,
+            code=started,
         )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e

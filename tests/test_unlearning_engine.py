@@ -148,8 +148,9 @@ def test_two_request_smoke_run_resumes_and_writes_results(tiny_world_model, judg
     )
     assert len(first) == 1
     logs = []
+    started = ("c0ffee", True)  # the revision the process started from, not the one at this step
     results = run_sequence(
-        base_model, evaluator, requests, recipe, tmp_path, name="tiny", progress=False, log=logs.append
+        base_model, evaluator, requests, recipe, tmp_path, name="tiny", progress=False, log=logs.append, code=started
     )
     assert "resuming after step 1" in logs[0]
     assert [r["concept"] for r in results] == ["circle", "red"]
@@ -173,7 +174,8 @@ def test_two_request_smoke_run_resumes_and_writes_results(tiny_world_model, judg
     from cul.unlearning.recipes import parse_recipe, recipe_hash
 
     assert parse_recipe(stored[-1]["recipe"]) == recipe and stored[-1]["recipe_hash"] == recipe_hash(recipe)
-    assert stored[-1]["recipe_name"] == "tiny" and stored[-1]["git_commit"]
+    assert stored[-1]["recipe_name"] == "tiny" and (stored[-1]["git_commit"], stored[-1]["git_dirty"]) == started
+    assert stored[0]["git_commit"] not in ("c0ffee", "")  # the default: the checkout's revision
     # a name is never reused for another recipe: resuming with a different one is refused
     from cul.benchmark import BenchmarkError
 

@@ -29,9 +29,10 @@ def code_revision(root: str | Path = ".") -> tuple[str, bool]:
     return head.stdout.strip(), bool(dirty)
 
 
-def provenance(name: str, recipe: RecipeBase, root: str | Path = ".") -> dict:
-    """{recipe_name, recipe, recipe_hash, git_commit, git_dirty} of a result."""
-    commit, dirty = code_revision(root)
+def provenance(name: str, recipe: RecipeBase, root: str | Path = ".", code: tuple[str, bool] | None = None) -> dict:
+    """{recipe_name, recipe, recipe_hash, git_commit, git_dirty} of a result. `code`: the
+    `code_revision` a long process took when it started (the code it loaded), else the one now."""
+    commit, dirty = code or code_revision(root)
     return {
         "recipe_name": name,
         "recipe": recipe.model_dump(mode="json"),
