@@ -36,9 +36,10 @@ INTERRUPTED = 130  # Ctrl-C or SIGTERM (the shell's convention for SIGINT)
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM (`kill`, `timeout`, a scheduler) ends a run as Ctrl-C does:
-    Prefect marks the flow run crashed, context managers release the lineage and end the MLflow
-    run as failed, and the user reads a message instead of a traceback. The previous handler is
-    put back after; off the main thread (where Python allows no handler) nothing changes."""
+    Prefect marks the flow run crashed, context managers release the lineage and end the
+    attempt's MLflow run as failed (the next run closes the request's), and the user reads a
+    message instead of a traceback. The previous handler is put back after; off the main thread
+    (where Python allows no handler) nothing changes."""
     import signal
     import threading
 
@@ -52,8 +53,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _fail(message: str, code: int = REFUSED) -> NoReturn:
@@ -402,7 +403,7 @@ def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path 
     try:
         _ensure_base(p, params, quiet)
     except KeyboardInterrupt:
-        _fail("interrupted while building the world; run again to continue", INTERRUPTED)
+        _fail("interrupted before any request started; run again to continue", INTERRUPTED)
     queue = open_queue(p.pipeline)
     if not queue.items():
         todo = load_sequence(p.pipeline.default_requests)
@@ -434,7 +435,7 @@ def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path 
         except KeyboardInterrupt:
             _fail(
                 "interrupted. Requests not finished stay in the queue (`cul request list`); the next "
-                "`cul run` takes them up, a step that was cut short from its start.",
+                "`cul run` takes them up.",
                 INTERRUPTED,
             )
         seconds = time.perf_counter() - t0

@@ -339,19 +339,22 @@ def version_step(
 ) -> None:
     """All or nothing: the step joins `requests/steps.yaml` and `dvc.lock` (and the remote) only
     if `dvc commit` and `dvc push` both succeed; otherwise both files are put back as they were,
-    the request is pending again and nothing is registered, so a rerun takes the same key."""
+    the request is pending again and nothing is registered, so a rerun takes the same key. An
+    interrupt in between puts the files back too and goes on (the next run recovers the request)."""
     kept = {path: path.read_bytes() if path.exists() else None for path in (Path(STEPS_FILE), Path("dvc.lock"))}
     try:
         save_step(spec)
         tags["dvc_md5"] = versioner.record_step(spec.key)
         if push:
             versioner.push(f"step@{spec.key}")
-    except Exception as e:
+    except BaseException as e:
         for path, data in kept.items():
             if data is None:
                 path.unlink(missing_ok=True)
             else:
                 path.write_bytes(data)
+        if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: files put back, the interrupt goes on
+            raise
         reason = f"versioning step {spec.key} failed, nothing registered: {str(e).strip()[-300:]}"
         queue.update(spec.request.id or "", state=State.pending, reasons=[reason])
         tracker.set_outcome(run_id, "versioning failed")

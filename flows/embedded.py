@@ -20,16 +20,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child, between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> Callable[[], None]:
+    """The child's preexec_fn (between fork and exec): SIGTERM when `parent` ends, and exit at
+    once if it already has (between the fork and the prctl call)."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def _free_port() -> int:
@@ -73,7 +81,7 @@ def embedded_server(timeout: float = 180.0, log: Path | None = None) -> Iterator
         env=env,
         stdout=out or subprocess.DEVNULL,
         stderr=out or subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with(os.getpid()),
         start_new_session=True,  # Ctrl-C (SIGINT to the terminal's group) reaches `cul run`, not its server
     )
     try:
