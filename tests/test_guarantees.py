@@ -180,6 +180,19 @@ def test_a_failed_push_leaves_no_phantom_step_and_a_rerun_takes_the_same_key(pro
     again = process_request("r001", project, queue, Tracker(), Versioner(), Runner([0.0]), log=lambda m: None)
     assert again.accepted and again.step == "s01" and list(load_steps()) == ["s01"]
 
+    # an interrupt during the push (Ctrl-C, SIGTERM) puts the files back too and is not swallowed
+    class InterruptedPush(Versioner):
+        def push(self, *targets):
+            raise KeyboardInterrupt
+
+    queue.add("blue", "colour", note="", by="test")
+    before = {p: (tmp_path / p).read_bytes() for p in ("requests/steps.yaml", "dvc.lock")}
+    rid = queue.items()[-1].id
+    with pytest.raises(KeyboardInterrupt):
+        process_request(rid, project, queue, Tracker(), InterruptedPush(), Runner([0.0]), log=lambda m: None)
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before and list(load_steps()) == ["s01"]
+    assert queue.get(rid).state == State.in_progress  # the next run's recover_stranded takes it up
+
 
 # -- user text is text ------------------------------------------------------------------------------
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
