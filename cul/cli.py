@@ -384,7 +384,14 @@ def run(
     remote of .dvc/config) and print what happened and where to look."""
     p = _params(params)
     with _sigterm_as_interrupt():
-        _run(p, params, quick, limit, summary, quiet)
+        try:
+            _run(p, params, quick, limit, summary, quiet)
+        except KeyboardInterrupt:
+            _fail(
+                "interrupted. Requests not finished stay in the queue (`cul request list`); the next "
+                "`cul run` takes them up (and a base model being built resumes from its checkpoint).",
+                INTERRUPTED,
+            )
 
 
 def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path | None, quiet: bool) -> None:
@@ -400,10 +407,7 @@ def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path 
             "nothing. Wait for it to finish, or stop it, and run again.",
             BUSY,
         )
-    try:
-        _ensure_base(p, params, quiet)
-    except KeyboardInterrupt:
-        _fail("interrupted before any request started; run again to continue", INTERRUPTED)
+    _ensure_base(p, params, quiet)
     queue = open_queue(p.pipeline)
     if not queue.items():
         todo = load_sequence(p.pipeline.default_requests)
@@ -432,12 +436,6 @@ def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path 
             _fail(str(e), BUSY)
         except PipelineError as e:
             _fail(str(e), STOPPED)
-        except KeyboardInterrupt:
-            _fail(
-                "interrupted. Requests not finished stay in the queue (`cul request list`); the next "
-                "`cul run` takes them up.",
-                INTERRUPTED,
-            )
         seconds = time.perf_counter() - t0
     _print_steps(results, seconds, p)
     if summary:
