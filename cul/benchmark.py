@@ -1,4 +1,4 @@
-"""The benchmark: a sequence of deletion requests with one recipe, evaluated after every step.
+"""The benchmark: a sequence of deletion requests with one recipe, evaluated after every step (or every Nth).
 
 Three ways to reach theta_k:
 - sequential: theta_{k-1} -> theta_k with the recipe's eraser (the continual setting);
@@ -104,8 +104,12 @@ def run_sequence(
     catalogue=None,
     order_seed: int | None = None,
     code: tuple[str, bool] | None = None,
+    eval_every: int | None = None,
 ) -> list[dict]:
     """Process `requests` in order; write OUT/results.json after every step; resume if present.
+    `eval_every` N evaluates only after every Nth request and the last one this call runs (the
+    others record no UA, RA or FD and `"evaluated": false`): on a long sequence, the evaluation
+    costs about as much as the training.
     `catalogue` (a `Catalogue` other than the world's) builds each step's prompts from it;
     `order_seed`, the seed that shuffled the sequence's order (recorded with every step); `code`,
     the (commit, dirty) the process started from (`code_revision`), recorded with every step
@@ -141,6 +145,7 @@ def run_sequence(
     todo = requests[len(results) :]
     if max_steps is not None:
         todo = todo[: max(0, max_steps - len(results))]
+    last = len(results) + len(todo)
     for request in todo:
         k = len(results) + 1
         step_dir = out / "steps" / f"{k:02d}"
@@ -181,13 +186,20 @@ def run_sequence(
         seconds_step = time.perf_counter() - t0
         forgotten = forgotten + [ps.concept]
         sets.append(ps)
-        m = evaluator(student, forgotten)
+        evaluate = eval_every is None or k % eval_every == 0 or k == last
+        m = evaluator(student, forgotten) if evaluate else None
+        scores = (
+            m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean"})
+            if m
+            else dict.fromkeys(("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean"))
+        )
         entry = {
             "step": k,
             "method": name,
             "request": request.model_dump(),
             "concept": ps.concept,
-            **m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean"}),
+            "evaluated": evaluate,
+            **scores,
             "drift": weight_drift(student, base_state),
             "seconds": round(seconds_step, 1),
             "seconds_replay": round(result.seconds_replay, 1),
@@ -195,8 +207,8 @@ def run_sequence(
             "replay_images": result.replay_images,
             "threads": threads.threads_used(),  # timings are only comparable at equal threads
             "surrogates": ps.surrogates,
-            "base": m.base.model_dump() if m.base else None,
-            "per_concept": m.per_concept,
+            "base": m.base.model_dump() if m and m.base else None,
+            "per_concept": m.per_concept if m else None,
             "history": result.history,
             **({"order_seed": order_seed} if order_seed is not None else {}),
             **made_by,
@@ -207,8 +219,14 @@ def run_sequence(
         results.append(entry)
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         log(
-            f"[{name}] step {k} forget {ps.concept}: UA {pct(m.ua)} RA-I {pct(m.ra_in)} RA-C {pct(m.ra_cross)} "
-            f"RA-N {pct(m.ra_neighbour)} FDx {times(m.fd_ratio)} ({entry['seconds']:.0f} s)"
+            f"[{name}] step {k} forget {ps.concept}: "
+            + (
+                f"UA {pct(m.ua)} RA-I {pct(m.ra_in)} RA-C {pct(m.ra_cross)} RA-N {pct(m.ra_neighbour)} "
+                f"FDx {times(m.fd_ratio)}"
+                if m
+                else f"not evaluated (--eval-every {eval_every})"
+            )
+            + f" ({entry['seconds']:.0f} s)"
         )
         model = student
     return results

@@ -627,6 +627,9 @@ def bench(
     stride: int | None = typer.Option(
         None, min=1, help="Evaluate on about 1/stride of the scenes, every concept equally often."
     ),
+    eval_every: int | None = typer.Option(
+        None, min=1, help="Evaluate only after every Nth request and the last (default: after every request)."
+    ),
     model: Path | None = typer.Option(None, help="Starting model (default: the base model)."),
     probes: str | None = typer.Option(
         None,
@@ -689,6 +692,7 @@ def bench(
             catalogue=catalogue,
             order_seed=order_seed,
             code=started,
+            eval_every=eval_every,
         )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e

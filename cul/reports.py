@@ -56,9 +56,11 @@ def _mean3(r: dict) -> float | None:
 
 
 def relapses(results: list[dict], floor: float = 0.9) -> int | None:
-    """Steps after which some concept forgotten by then is still recognised in more than 1 - floor of
-    its images, or has no score: the steps the gate's UA rule (`min_ua`, `min_ua_earlier`, 0.9 in
-    production) rejects on its point estimate. None where a result records no per-concept scores."""
+    """Evaluated steps after which some concept forgotten by then is still recognised in more than
+    1 - floor of its images, or has no score: the steps the gate's UA rule (`min_ua`,
+    `min_ua_earlier`, 0.9 in production) rejects on its point estimate. Steps run without an
+    evaluation (`cul bench --eval-every`) count neither way. None where an evaluated step records
+    no per-concept scores."""
     from cul.gate import EPS
 
     if any("per_concept" not in r for r in results):
@@ -67,8 +69,14 @@ def relapses(results: list[dict], floor: float = 0.9) -> int | None:
     count = 0
     for r in results:
         gone.append(r["concept"])
-        count += any(r["per_concept"].get(c, 1.0) > 1 - floor + EPS for c in gone)
+        if r.get("evaluated", True):
+            count += any(r["per_concept"].get(c, 1.0) > 1 - floor + EPS for c in gone)
     return count
+
+
+def evaluated(results: list[dict]) -> int:
+    """How many of `results`' steps were evaluated (all but those `cul bench --eval-every` skipped)."""
+    return sum(bool(r.get("evaluated", True)) for r in results)
 
 
 def benchmark_table(runs: dict[str, list[dict]]) -> str:
@@ -94,7 +102,7 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
         rows.append(
             f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "
-            f"| {times(r.get('drift'))} | {'-' if back is None else f'{back} of {len(results)}'} "
+            f"| {times(r.get('drift'))} | {'-' if back is None else f'{back} of {evaluated(results)}'} "
             f"| {secs:.0f} | {imgs:.0f} | {_made_by(r)} |"
         )
     return head + "\n".join(rows) + "\n"

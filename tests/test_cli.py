@@ -201,6 +201,10 @@ def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back
     missing = at_limit + [{"concept": "red", "per_concept": {"circle": 0.0}}]
     assert relapses(missing) == 1  # red has no score after its own request: the gate rejects that
     assert relapses(missing + [{"concept": "star"}]) is None  # a step without scores: unknown
+    # a step `--eval-every` skipped counts neither way, but its concept is forgotten from then on
+    skipped = [{"concept": "circle", "per_concept": None, "evaluated": False}]
+    later = {"concept": "red", "per_concept": {"circle": 0.5, "red": 0.0}}
+    assert relapses(skipped + [later]) == 1 and relapses(skipped) == 0
 
 
 def test_sigterm_interrupts_a_run_like_ctrl_c_and_the_old_handler_comes_back():

@@ -209,6 +209,35 @@ def test_two_request_smoke_run_resumes_and_writes_results(tiny_world_model, judg
     assert "starting again" in logs[0] and [r["concept"] for r in again] == ["circle"]
 
 
+def test_eval_every_skips_the_evaluation_between_every_nth_request_but_never_the_last(
+    tiny_world_model, judge, tmp_path
+):
+    from cul.reports import evaluated, relapses
+
+    evaluator = Evaluator(judge, EvalSpec(stride=32, steps=4))
+    calls = []
+    judged = evaluator.__call__
+
+    class Counting:  # the real evaluator, counting its calls
+        has_base = True
+
+        def __call__(self, model, forgotten):
+            calls.append(list(forgotten))
+            return judged(model, forgotten)
+
+    evaluator.set_base(tiny_world_model)
+    requests = [Request(concept="circle", kind="object"), Request(concept="red", kind="colour")]
+    recipe = DFRRecipe(**FAST, retain_batch=4, n_surrogates=2)
+    logs: list[str] = []
+    results = run_sequence(
+        tiny_world_model, Counting(), requests, recipe, tmp_path, progress=False, log=logs.append, eval_every=3
+    )
+    assert calls == [["circle", "red"]]  # step 1 is neither a 3rd request nor the last: not evaluated
+    assert results[0]["evaluated"] is False and results[0]["ua"] is None and results[0]["per_concept"] is None
+    assert "not evaluated" in logs[0] and results[1]["evaluated"] is True and results[1]["ua"] is not None
+    assert evaluated(results) == 1 and relapses(results) is not None  # the skipped step counts neither way
+
+
 def test_evaluation_is_exactly_reproducible(base_model, judge):
     evaluator = Evaluator(judge, EvalSpec(stride=32, steps=2))
     a = evaluator(base_model, ["circle"])
