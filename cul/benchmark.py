@@ -67,7 +67,18 @@ def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
     return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
 
 
-def _load_results(out: Path, recipe: Recipe, name: str, log: Callable, order_seed: int | None = None) -> list[dict]:
+def _load_results(
+    out: Path,
+    recipe: Recipe,
+    name: str,
+    log: Callable,
+    order_seed: int | None = None,
+    mode: str = "plain",
+    weights: Callable[[list[dict]], Path] | None = None,
+) -> list[dict]:
+    """OUT/results.json's entries to resume after (none if their weights are gone); refused if another
+    recipe, request order or `mode` ("plain" or "gated") made them. `weights`: where the last
+    entry's weights are (default: `step_unet`)."""
     results_file = out / "results.json"
     results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
     made_by = {r.get("recipe_hash") for r in results}
@@ -82,7 +93,13 @@ def _load_results(out: Path, recipe: Recipe, name: str, log: Callable, order_see
             f"{results_file} holds requests in another order (--order-seed {', '.join(map(str, seeds))}, this run "
             f"{order_seed}): give this order its own --out folder"
         )
-    if results and not step_unet(out, len(results)).exists():
+    modes = {r.get("mode", "plain") for r in results}
+    if results and modes != {mode}:
+        raise BenchmarkError(
+            f"{results_file} was made by a {'/'.join(sorted(modes))} run, this one is {mode}: "
+            "give it its own --out folder"
+        )
+    if results and not (weights(results) if weights else step_unet(out, len(results))).exists():
         log(
             f"[{name}] {results_file} has {len(results)} step(s) but their weights are not on disk "
             f"({out / 'steps'} is not committed): starting again from the first request"

@@ -630,6 +630,12 @@ def bench(
     eval_every: int | None = typer.Option(
         None, min=1, help="Evaluate only after every Nth request and the last (default: after every request)."
     ),
+    gated: bool = typer.Option(
+        False,
+        "--gated",
+        help="Run each request as production does: the step with its probes, the gate, escalation "
+        "(params.yaml's pipeline); a rejected request leaves the champion as it was.",
+    ),
     model: Path | None = typer.Option(None, help="Starting model (default: the base model)."),
     probes: str | None = typer.Option(
         None,
@@ -678,22 +684,43 @@ def bench(
         evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
     else:
         evaluator = _evaluator(p, catalogue, eval_spec, base)
-    try:
-        results = run_sequence(
-            base,
-            evaluator,
-            requests,
-            recipe,
-            out,
-            name=name,
-            max_steps=max_steps,
-            progress=not quiet,
-            log=console.print,
-            catalogue=catalogue,
-            order_seed=order_seed,
-            code=started,
-            eval_every=eval_every,
+    if gated and (model or eval_every):
+        raise typer.BadParameter(
+            "--gated starts from params.yaml's base model and judges the champion after every request"
         )
+    try:
+        if gated:
+            from cul.gated import run_gated_sequence
+
+            results = run_gated_sequence(
+                p,
+                base,
+                evaluator,
+                requests,
+                recipe,
+                out,
+                name=name,
+                max_steps=max_steps,
+                log=console.print,
+                order_seed=order_seed,
+                code=started,
+            )
+        else:
+            results = run_sequence(
+                base,
+                evaluator,
+                requests,
+                recipe,
+                out,
+                name=name,
+                max_steps=max_steps,
+                progress=not quiet,
+                log=console.print,
+                catalogue=catalogue,
+                order_seed=order_seed,
+                code=started,
+                eval_every=eval_every,
+            )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
@@ -703,8 +730,14 @@ def bench(
         from cul.device import place
         from cul.probes import summarise, to_records
 
-        final = place(base.with_unet(step_unet(out, len(results))))
-        names = [r["concept"] for r in results]
+        if gated:  # the champion the gate left, and what it has forgotten
+            from cul.models import load_model
+
+            final = place(load_model(out / results[-1]["champion"]))
+            names = results[-1]["forgotten"]
+        else:
+            final = place(base.with_unet(step_unet(out, len(results))))
+            names = [r["concept"] for r in results]
         stamps: dict = {}
         here = dict(zip(("git_commit", "git_dirty"), started, strict=True))
         found = _probe(p, probes, final, base, evaluator, names, out, out / "probes-journal.json", here, stamps)

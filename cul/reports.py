@@ -67,8 +67,8 @@ def relapses(results: list[dict], floor: float = 0.9) -> int | None:
         return None
     gone: list[str] = []
     count = 0
-    for r in results:
-        gone.append(r["concept"])
+    for r in results:  # a gated run's entry says what its champion has forgotten (not the rejected)
+        gone = list(r["forgotten"]) if "forgotten" in r else gone + [r["concept"]]
         if r.get("evaluated", True):
             count += any(r["per_concept"].get(c, 1.0) > 1 - floor + EPS for c in gone)
     return count
@@ -99,6 +99,8 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
         secs = sum(x["seconds"] for x in results) / len(results)
         imgs = sum(x.get("replay_images", 0) for x in results) / len(results)
         back = relapses(results)
+        if r.get("mode") == "gated":  # what production delivers: requests the gate let through
+            name += f" (gated: {sum(x['accepted'] for x in results)} of {len(results)} accepted)"
         rows.append(
             f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "

@@ -1,0 +1,179 @@
+"""A benchmark run as production runs it: every request through the gate, with escalation.
+
+`cul.benchmark.run_sequence` measures a recipe: each request is trained once and the next one
+starts from it, whatever the gate would say. Production does not work that way (`cul.pipeline`):
+an attempt the gate rejects is retried with a stronger recipe (`EscalationPolicy`), and when every
+attempt fails the request goes to review and the champion stays as it was. `run_gated_sequence`
+measures what that delivers. For each request it runs the production step (`cul.step`: the
+prompt set and teacher samples, training, the evaluation at `pipeline.eval_stride`, the wording
+probes, the confidence-bound settlement) and the gate's verdict, attempt after attempt. Then the
+benchmark's evaluator judges the champion left behind, against the concepts accepted so far, the
+same way as any other run.
+
+Each entry of `results.json` carries the usual figures (of the champion), plus `accepted`, the
+attempts' verdicts and `forgotten` (what the champion has forgotten). Resumable per request, like
+`run_sequence`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cul.benchmark import _load_results
+from cul.config import Params
+from cul.evaluation import Evaluator, StepMetrics, weight_drift
+from cul.fmt import pct, times
+from cul.gate import Gate
+from cul.io.provenance import provenance
+from cul.probes import ProbeResult
+from cul.step import StepSpec, prepare_data, train_and_evaluate
+from cul.unlearning.recipes import Recipe, recipe_hash
+from cul.unlearning.request import Request
+
+SCORES = ("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean")
+
+
+def run_gated_sequence(
+    params: Params,
+    base_model,
+    evaluator: Evaluator,
+    requests: list[Request],
+    recipe: Recipe,
+    out: str | Path,
+    name: str = "",
+    max_steps: int | None = None,
+    log: Callable[[str], None] = print,
+    order_seed: int | None = None,
+    code: tuple[str, bool] | None = None,
+) -> list[dict]:
+    """Process `requests` as the pipeline does, with `params.pipeline`'s gate and escalation and
+    `recipe` as attempt 0. `evaluator` (the benchmark's, with the base model set) judges the
+    champion after every request; `base_model` is the model `params.paths.base_model` holds. Writes
+    OUT/results.json after every request; OUT/steps/KK/attempt-A/{model,report} hold each attempt.
+    `order_seed`: the seed that shuffled the requests (recorded); `code`: the (commit, dirty) the
+    process started from (`code_revision`)."""
+    pl = params.pipeline
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = Path(params.paths.base_model)
+
+    def where(champion: str) -> Path:  # a champion is recorded as "base" or relative to OUT
+        return base_dir if champion == "base" else out / champion
+
+    results = _load_results(
+        out, recipe, name, log, order_seed, mode="gated", weights=lambda rs: where(rs[-1]["champion"])
+    )
+    made_by = provenance(name, recipe, code=code)
+    base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
+    gate = Gate(pl.gate)
+    champion = base_dir
+    forgotten: list[str] = []
+    previous: dict[str, float] | None = None  # the champion's per-concept scores, from its own step
+    if results:
+        last = results[-1]
+        champion, forgotten, previous = where(last["champion"]), last["forgotten"], last["champion_scores"]
+        log(f"[{name}] resuming after request {len(results)}: {len(forgotten)} forgotten ({', '.join(forgotten)})")
+    todo = requests[len(results) :]
+    if max_steps is not None:
+        todo = todo[: max(0, max_steps - len(results))]
+    for request in todo:
+        k = len(results) + 1
+        step_dir = out / "steps" / f"{k:02d}"
+        shutil.rmtree(step_dir, ignore_errors=True)  # a request cut short starts over
+        spec = StepSpec(
+            key=f"s{k:02d}",
+            request=request,
+            parent=str(champion),
+            forgotten=forgotten,
+            catalogue=pl.catalogue,
+            recipe_name=name,
+            recipe=recipe,
+            eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
+            gate=pl.gate,
+            seed=k,
+        )
+        t0 = time.perf_counter()
+        data_dir = prepare_data(spec, params, step_dir / "data")
+        seconds_prepare = time.perf_counter() - t0
+        attempts: list[dict] = []
+        failed: list[str] = []
+        accepted: Path | None = None
+        metrics: dict = {}
+        for attempt in range(pl.escalation.max_attempts):
+            spec_a = spec.model_copy(
+                update={"attempt": attempt, "recipe": pl.escalation.config_for(recipe, attempt, failed)}
+            )
+            place = step_dir / f"attempt-{attempt}"
+            metrics = train_and_evaluate(spec_a, params, data_dir, place / "model", place / "report", log=log)
+            probes = [ProbeResult.model_validate(r) for r in metrics.get("probes", [])]
+            verdict = gate.decide(
+                StepMetrics.model_validate(metrics), forgotten + [metrics["concept"]], previous, probes
+            )
+            attempts.append(
+                {
+                    "attempt": attempt,
+                    "recipe_hash": recipe_hash(spec_a.recipe),
+                    "accepted": verdict.accepted,
+                    "reasons": verdict.reasons,
+                    "ua": metrics["ua"],
+                    "fd_ratio": metrics.get("fd_ratio"),
+                    "seconds_train": metrics["seconds_train"],
+                    "seconds_eval": metrics["seconds_eval"],
+                    "gate_rounds": metrics.get("gate_rounds", 0),
+                }
+            )
+            log(f"[{name}] request {k} ({metrics['concept']}) attempt {attempt}: {verdict.summary()}")
+            if verdict.accepted:
+                accepted = place / "model"
+                break
+            failed = [c.name for c in verdict.checks if not c.passed]
+        concept = metrics["concept"]
+        changed = accepted is not None
+        if accepted is not None:
+            champion, forgotten, previous = accepted, forgotten + [concept], metrics["per_concept"]
+        if changed or not results:
+            from cul.models import load_model
+
+            model = load_model(champion)
+            m = evaluator(model, forgotten) if forgotten else None
+            scores = {**dict.fromkeys(SCORES), **(m.model_dump(include=set(SCORES)) if m else {})}
+            judged = {
+                "base": m.base.model_dump() if m and m.base else None,
+                "per_concept": m.per_concept if m else {},
+                "drift": weight_drift(model, base_state),
+            }
+        else:  # the champion did not change: the same model, judged on the same forgotten set
+            scores = {s: results[-1][s] for s in SCORES}
+            judged = {s: results[-1][s] for s in ("base", "per_concept", "drift")}
+        entry = {
+            "step": k,
+            "method": name,
+            "mode": "gated",
+            "request": request.model_dump(),
+            "concept": concept,
+            "accepted": changed,
+            "attempts": attempts,
+            "forgotten": forgotten,
+            "champion": "base" if champion == base_dir else str(champion.relative_to(out)),
+            "champion_scores": previous,
+            "evaluated": bool(forgotten),
+            **scores,
+            **judged,
+            "seconds": round(seconds_prepare + sum(a["seconds_train"] for a in attempts), 1),
+            "seconds_gate": round(sum(a["seconds_eval"] for a in attempts), 1),
+            **({"order_seed": order_seed} if order_seed is not None else {}),
+            **made_by,
+        }
+        results.append(entry)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        log(
+            f"[{name}] request {k} forget {concept}: "
+            + (f"accepted at attempt {len(attempts) - 1}" if changed else f"to review after {len(attempts)} attempts")
+            + f"; champion UA {pct(entry['ua'])} RA-I {pct(entry['ra_in'])} RA-C {pct(entry['ra_cross'])} "
+            f"RA-N {pct(entry['ra_neighbour'])} FDx {times(entry['fd_ratio'])}"
+        )
+    return results
