@@ -733,7 +733,8 @@ def bench(
         if gated:  # the champion the gate left, and what it has forgotten
             from cul.models import load_model
 
-            final = place(load_model(out / results[-1]["champion"]))
+            champion = results[-1]["champion"]
+            final = place(load_model(p.paths.base_model if champion == "base" else out / champion))
             names = results[-1]["forgotten"]
         else:
             final = place(base.with_unet(step_unet(out, len(results))))
