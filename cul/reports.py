@@ -133,6 +133,8 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
     n = max((len(v) for v in runs.values()), default=0)
     lines = ["| after request | " + " | ".join(f"{m}: mean / FDx" for m in names) + " |", "|---|" + "---|" * len(names)]
     for i in range(n):
+        if not any(i < len(v) and v[i].get("evaluated", True) for v in runs.values()):
+            continue  # no run judged this request (`--eval-every`)
         cells = []
         for m in names:
             if i >= len(runs[m]):

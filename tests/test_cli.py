@@ -193,6 +193,21 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert (tmp_path / "metrics.png").stat().st_size > 0
 
 
+def test_at_equal_steps_leaves_out_the_requests_no_run_judged():
+    from cul.reports import side_by_side
+
+    def row(k, concept, judged):
+        scores = {"ua": 1.0, "ra_in": 1.0, "ra_cross": 0.7, "fd_ratio": 1.5} if judged else {}
+        return {"step": k, "concept": concept, "evaluated": judged, **scores}
+
+    every_2nd = [row(1, "circle", False), row(2, "red", True)]
+    table = side_by_side({"a": every_2nd, "b": [row(1, "circle", True), row(2, "red", True)]})
+    assert "| 1 (circle) | n/a / n/a | 90.0 / 1.50 |" in table  # b judged it: the row stays
+    assert "(circle)" not in side_by_side({"a": every_2nd}) and "| 2 (red) | 90.0 / 1.50 |" in side_by_side(
+        {"a": every_2nd}
+    )
+
+
 def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back():
     from cul.reports import relapses
 
