@@ -661,6 +661,10 @@ def bench(
         requests = load_sequence(sequence)
     except (RecipeError, BenchmarkError) as e:
         raise typer.BadParameter(str(e)) from e
+    if gated and (model or eval_every):
+        raise typer.BadParameter(
+            "--gated starts from params.yaml's base model and judges the champion after every request"
+        )
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     folder = name
     if order_seed is not None:
@@ -684,10 +688,6 @@ def bench(
         evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
     else:
         evaluator = _evaluator(p, catalogue, eval_spec, base)
-    if gated and (model or eval_every):
-        raise typer.BadParameter(
-            "--gated starts from params.yaml's base model and judges the champion after every request"
-        )
     try:
         if gated:
             from cul.gated import run_gated_sequence
@@ -725,7 +725,9 @@ def bench(
         raise typer.BadParameter(str(e)) from e
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
-    if probes and results:
+    if probes and results and gated and not results[-1]["forgotten"]:
+        console.print("the gate accepted no request: nothing is forgotten, nothing to probe")
+    elif probes and results:
         from cul.benchmark import step_unet
         from cul.device import place
         from cul.probes import summarise, to_records
@@ -733,8 +735,7 @@ def bench(
         if gated:  # the champion the gate left, and what it has forgotten
             from cul.models import load_model
 
-            champion = results[-1]["champion"]
-            final = place(load_model(p.paths.base_model if champion == "base" else out / champion))
+            final = place(load_model(out / results[-1]["champion"]))
             names = results[-1]["forgotten"]
         else:
             final = place(base.with_unet(step_unet(out, len(results))))

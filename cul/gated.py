@@ -17,13 +17,14 @@ attempts' verdicts and `forgotten` (what the champion has forgotten). Resumable 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cul.benchmark import _load_results
+from cul.benchmark import BenchmarkError, _load_results
 from cul.config import Params
 from cul.evaluation import Evaluator, StepMetrics, weight_drift
 from cul.fmt import pct, times
@@ -53,7 +54,10 @@ def run_gated_sequence(
     """Process `requests` as the pipeline does, with `params.pipeline`'s gate and escalation and
     `recipe` as attempt 0. `evaluator` (the benchmark's, with the base model set) judges the
     champion after every request; `base_model` is the model `params.paths.base_model` holds. Writes
-    OUT/results.json after every request; OUT/steps/KK/attempt-A/{model,report} hold each attempt.
+    OUT/results.json after every request; OUT/steps/KK/attempt-A/ holds each attempt's report, and
+    its model if the gate accepted it. Keys and training seeds count accepted steps, as production's
+    do; a rerun is refused under another recipe, order or gate (`pipeline.gate`, `escalation`,
+    `eval_stride`, `eval`).
     `order_seed`: the seed that shuffled the requests (recorded); `code`: the (commit, dirty) the
     process started from (`code_revision`)."""
     pl = params.pipeline
@@ -67,6 +71,19 @@ def run_gated_sequence(
     results = _load_results(
         out, recipe, name, log, order_seed, mode="gated", weights=lambda rs: where(rs[-1]["champion"])
     )
+    # what decides, besides the recipe: a rerun under other settings would mix two gates' verdicts
+    settings = {
+        "gate": pl.gate.model_dump(mode="json"),
+        "escalation": pl.escalation.model_dump(mode="json"),
+        "eval_stride": pl.eval_stride,
+        "eval": params.eval.model_dump(mode="json"),
+    }
+    gate_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    if results and {r.get("gate_hash") for r in results} != {gate_hash}:
+        raise BenchmarkError(
+            f"{out / 'results.json'} was gated under other settings (pipeline.gate, escalation, eval_stride or "
+            "eval in the params file): give this run its own --out folder"
+        )
     made_by = provenance(name, recipe, code=code)
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
     gate = Gate(pl.gate)
@@ -84,8 +101,9 @@ def run_gated_sequence(
         k = len(results) + 1
         step_dir = out / "steps" / f"{k:02d}"
         shutil.rmtree(step_dir, ignore_errors=True)  # a request cut short starts over
+        accepted_so_far = len(forgotten) + 1  # production's key and seed: a rejected request uses none up
         spec = StepSpec(
-            key=f"s{k:02d}",
+            key=f"s{accepted_so_far:02d}",
             request=request,
             parent=str(champion),
             forgotten=forgotten,
@@ -94,7 +112,7 @@ def run_gated_sequence(
             recipe=recipe,
             eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
             gate=pl.gate,
-            seed=k,
+            seed=accepted_so_far,
         )
         t0 = time.perf_counter()
         data_dir = prepare_data(spec, params, step_dir / "data")
@@ -131,6 +149,7 @@ def run_gated_sequence(
                 accepted = place / "model"
                 break
             failed = [c.name for c in verdict.checks if not c.passed]
+            shutil.rmtree(place / "model")  # as production drops it; its report stays
         concept = metrics["concept"]
         changed = accepted is not None
         if accepted is not None:
@@ -160,6 +179,8 @@ def run_gated_sequence(
             "forgotten": forgotten,
             "champion": "base" if champion == base_dir else str(champion.relative_to(out)),
             "champion_scores": previous,
+            "gate_hash": gate_hash,
+            "gate_settings": settings,
             "evaluated": bool(forgotten),
             **scores,
             **judged,

@@ -100,16 +100,18 @@ def embedded_server(timeout: float = 180.0, log: Path | None = None) -> Iterator
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
-        _drain_prefect(timeout=10.0)
-        os.environ.pop("PREFECT_API_URL", None)
-        server.terminate()
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        if out is not None:
-            out.close()
+            _drain_prefect(timeout=10.0)
+        finally:  # a second Ctrl-C during the drain still stops the server (its own session: no signal reaches it)
+            os.environ.pop("PREFECT_API_URL", None)
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            if out is not None:
+                out.close()
 
 
 def _drain_prefect(timeout: float) -> None:

@@ -54,6 +54,8 @@ def main() -> None:
         evaluators[seed] = ev
     for run in map(Path, args.runs):
         results = json.loads((run / "results.json").read_text())
+        if results and results[-1].get("mode") == "gated":
+            raise SystemExit(f"{run} is a gated run (cul bench --gated): its champions are not steps/NN/unet")
         k = args.step or len(results)
         unet_dir = step_unet(run, k)
         if not unet_dir.is_dir():
