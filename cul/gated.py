@@ -154,20 +154,23 @@ def run_gated_sequence(
         changed = accepted is not None
         if accepted is not None:
             champion, forgotten, previous = accepted, forgotten + [concept], metrics["per_concept"]
-        if changed or not results:
+        if changed:
             from cul.models import load_model
 
             model = load_model(champion)
-            m = evaluator(model, forgotten) if forgotten else None
-            scores = {**dict.fromkeys(SCORES), **(m.model_dump(include=set(SCORES)) if m else {})}
+            m = evaluator(model, forgotten)
+            scores = m.model_dump(include=set(SCORES))
             judged = {
-                "base": m.base.model_dump() if m and m.base else None,
-                "per_concept": m.per_concept if m else {},
+                "base": m.base.model_dump() if m.base else None,
+                "per_concept": m.per_concept,
                 "drift": weight_drift(model, base_state),
             }
-        else:  # the champion did not change: the same model, judged on the same forgotten set
+        elif results:  # the champion did not change: the same model, judged on the same forgotten set
             scores = {s: results[-1][s] for s in SCORES}
             judged = {s: results[-1][s] for s in ("base", "per_concept", "drift")}
+        else:  # nothing accepted yet: the champion is the base model, nothing forgotten to judge
+            scores = dict.fromkeys(SCORES)
+            judged = {"base": None, "per_concept": {}, "drift": 0.0}
         entry = {
             "step": k,
             "method": name,
