@@ -4,6 +4,7 @@ the claim under test is about them (the judge's accuracy, the base model drawing
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,19 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefects_temporary_server():
+    """The temporary API server Prefect starts for a flow called in this process is stopped at
+    interpreter exit, after pytest has closed the stream its log line goes to ("Logging error
+    ... I/O operation on closed file"): stop it while the session is still open."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
 
 
 @pytest.fixture(scope="session")
