@@ -108,6 +108,12 @@ def _load_results(
     return results
 
 
+def _remaining(requests: list[Request], done: int, max_steps: int | None) -> list[Request]:
+    """The requests after the `done` first, up to request `max_steps` of the sequence (None: all)."""
+    todo = requests[done:]
+    return todo if max_steps is None else todo[: max(0, max_steps - done)]
+
+
 def run_sequence(
     base_model,
     evaluator: Evaluator,
@@ -159,9 +165,7 @@ def run_sequence(
         else []
     )
     chained = recipe.mode == "sequential" and ties is None
-    todo = requests[len(results) :]
-    if max_steps is not None:
-        todo = todo[: max(0, max_steps - len(results))]
+    todo = _remaining(requests, len(results), max_steps)
     last = len(results) + len(todo)
     for request in todo:
         k = len(results) + 1

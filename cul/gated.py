@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cul.benchmark import BenchmarkError, _load_results
+from cul.benchmark import BenchmarkError, _load_results, _remaining
 from cul.config import Params
 from cul.evaluation import Evaluator, StepMetrics, weight_drift
 from cul.fmt import pct, times
@@ -94,26 +94,12 @@ def run_gated_sequence(
         last = results[-1]
         champion, forgotten, previous = where(last["champion"]), last["forgotten"], last["champion_scores"]
         log(f"[{name}] resuming after request {len(results)}: {len(forgotten)} forgotten ({', '.join(forgotten)})")
-    todo = requests[len(results) :]
-    if max_steps is not None:
-        todo = todo[: max(0, max_steps - len(results))]
-    for request in todo:
+    for request in _remaining(requests, len(results), max_steps):
         k = len(results) + 1
         step_dir = out / "steps" / f"{k:02d}"
         shutil.rmtree(step_dir, ignore_errors=True)  # a request cut short starts over
-        accepted_so_far = len(forgotten) + 1  # production's key and seed: a rejected request uses none up
-        spec = StepSpec(
-            key=f"s{accepted_so_far:02d}",
-            request=request,
-            parent=str(champion),
-            forgotten=forgotten,
-            catalogue=pl.catalogue,
-            recipe_name=name,
-            recipe=recipe,
-            eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
-            gate=pl.gate,
-            seed=accepted_so_far,
-        )
+        key = f"s{len(forgotten) + 1:02d}"  # production's key and seed: a rejected request uses none up
+        spec = StepSpec.for_request(params, key, request, str(champion), forgotten, name, recipe)
         t0 = time.perf_counter()
         data_dir = prepare_data(spec, params, step_dir / "data")
         seconds_prepare = time.perf_counter() - t0

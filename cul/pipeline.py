@@ -216,19 +216,7 @@ def process_request(
     queue.update(request_id, state=State.in_progress, holder=holder)
     key = next_key(list(load_steps()))
     name, recipe = pl.recipe()
-    base_spec = StepSpec(
-        key=key,
-        request=item.request(),
-        parent=parent,
-        parent_version=parent_version,
-        forgotten=forgotten,
-        catalogue=pl.catalogue,
-        recipe_name=name,
-        recipe=recipe,
-        eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
-        gate=pl.gate,
-        seed=int(key[1:]),
-    )
+    base_spec = StepSpec.for_request(params, key, item.request(), parent, forgotten, name, recipe, parent_version)
     code_rev = versioner.head()
     run_id = tracker.open_request(
         request_id,

@@ -61,6 +61,46 @@ class StepSpec(BaseModel):
         """The recipe with this step's own training seed."""
         return self.recipe.for_request(self.seed)
 
+    @classmethod
+    def for_request(
+        cls,
+        params: Params,
+        key: str,
+        request: Request,
+        parent: str,
+        forgotten: list[str],
+        recipe_name: str,
+        recipe: Recipe,
+        parent_version: int | None = None,
+    ) -> StepSpec:
+        """The step production runs for `request` under `params`: the pipeline's catalogue, gate
+        and evaluation (at `pipeline.eval_stride`), and the training seed its key counts (s07 -> 7).
+
+        Args:
+            params: the project's settings (`params.yaml`).
+            key: the step's key, "s" and the number of accepted steps before it plus one.
+            request: the deletion request.
+            parent: the folder of the model the step starts from.
+            forgotten: the concepts `parent` has forgotten, in order.
+            recipe_name: the method or experiment the recipe came from.
+            recipe: attempt 0's recipe (escalation replaces it on a retry).
+            parent_version: the registered version of `parent` (None: the base model).
+        """
+        pl = params.pipeline
+        return cls(
+            key=key,
+            request=request,
+            parent=parent,
+            parent_version=parent_version,
+            forgotten=forgotten,
+            catalogue=pl.catalogue,
+            recipe_name=recipe_name,
+            recipe=recipe,
+            eval=params.eval.model_copy(update={"stride": pl.eval_stride}),
+            gate=pl.gate,
+            seed=int(key[1:]),
+        )
+
 
 def load_steps(path: str | Path = STEPS_FILE) -> dict[str, StepSpec]:
     path = Path(path)

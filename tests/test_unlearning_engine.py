@@ -128,7 +128,7 @@ def test_one_dfr_step_lowers_the_forgotten_concepts_judge_score(base_model, judg
         text_encoder=base_model.text,
     )
     cfg = dfr(
-        steps=25, forget_batch=16, retain_batch=16, lr=8e-4, replay_steps=10, replay_guidance=3.0, l_unl=10.0, push=1.0
+        steps=12, forget_batch=16, retain_batch=16, lr=8e-4, replay_steps=10, replay_guidance=3.0, l_unl=10.0, push=1.0
     )
     before = judge_images(judge, generate_scenes(base_model, red, seed=7, steps=10), red).accuracy_per_concept()["red"]
     student = unlearn(base_model, ps, cfg).student
@@ -384,7 +384,7 @@ def test_base_retain_teacher_pulls_what_is_kept_back_to_the_base_model(tiny_worl
     with pytest.raises(ValueError, match="base model"):
         unlearn(previous, ps, dfr(retain_teacher="base", **cfg))
     anchored = unlearn(previous, ps, dfr(retain_teacher="base", **cfg), buffers_dir=tmp_path, base=tiny_world_model)
-    chained = unlearn(previous, ps, dfr(**cfg))
+    chained = unlearn(previous, ps, dfr(**{**cfg, "steps": 10}))  # zero gradient at any length
     assert ReplayBuffer.load(tmp_path / "retain_base").prompts == kept
     assert ReplayBuffer.load(tmp_path / "retain").prompts == ps.retain["forgotten"]
     assert gap(anchored.student) < 0.5 * gap(previous)
