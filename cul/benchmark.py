@@ -13,6 +13,7 @@ another recipe). Every entry of `results.json` records the recipe, its hash and 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,12 +76,36 @@ def _load_results(
     order_seed: int | None = None,
     mode: str = "plain",
     weights: Callable[[list[dict]], Path] | None = None,
+    requests: list[Request] | None = None,
+    evaluation: dict | None = None,
 ) -> list[dict]:
     """OUT/results.json's entries to resume after (none if their weights are gone); refused if another
-    recipe, request order or `mode` ("plain" or "gated") made them. `weights`: where the last
-    entry's weights are (default: `step_unet`)."""
+    recipe, request order or `mode` ("plain" or "gated") made them, if their requests are not the
+    first of `requests`, or if they were judged under other `evaluation` settings (the evaluator's
+    `settings()`; entries that record none are not checked). `weights`: where the last entry's
+    weights are (default: `step_unet`)."""
     results_file = out / "results.json"
-    results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
+    try:
+        results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{results_file} is not readable JSON ({e}): move it away to start this run again") from e
+    if requests is not None and results:
+        done = [r["request"] for r in results]
+        asked = [q.model_dump(mode="json") for q in requests[: len(results)]]
+        if done != asked:
+            k = next((i for i, (a, b) in enumerate(zip(done, asked)) if a != b), min(len(done), len(asked)))
+            was = done[k]["concept"] if k < len(done) else "nothing"
+            now = asked[k]["concept"] if k < len(asked) else "nothing"
+            raise BenchmarkError(
+                f"{results_file} holds another sequence (request {k + 1} was {was}, this run's is {now}): "
+                "give this sequence its own --out folder"
+            )
+    recorded = {json.dumps(r["evaluation"], sort_keys=True) for r in results if "evaluation" in r}
+    if evaluation is not None and recorded and recorded != {json.dumps(evaluation, sort_keys=True)}:
+        raise BenchmarkError(
+            f"{results_file} was judged under other evaluation settings ({', '.join(sorted(recorded))}; this run: "
+            f"{json.dumps(evaluation, sort_keys=True)}), e.g. another --stride: give this run its own --out folder"
+        )
     made_by = {r.get("recipe_hash") for r in results}
     if results and made_by != {recipe_hash(recipe)}:
         raise BenchmarkError(
@@ -106,6 +131,13 @@ def _load_results(
         )
         results = []
     return results
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    """OUT/results.json, replaced at once (a kill while writing leaves the previous file whole)."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
 
 
 def _remaining(requests: list[Request], done: int, max_steps: int | None) -> list[Request]:
@@ -142,7 +174,7 @@ def run_sequence(
         raise BenchmarkError("simultaneous erasure is built on the world's scenes only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = _load_results(out, recipe, name, log, order_seed)
+    results = _load_results(out, recipe, name, log, order_seed, requests=requests, evaluation=evaluator.settings())
     made_by = provenance(name, recipe, code=code)
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
     if not evaluator.has_base:
@@ -232,13 +264,14 @@ def run_sequence(
             "per_concept": m.per_concept if m else None,
             "history": result.history,
             **({"order_seed": order_seed} if order_seed is not None else {}),
+            "evaluation": evaluator.settings(),
             **made_by,
         }
         step_dir.mkdir(parents=True, exist_ok=True)
         ps.save(step_dir / "prompts.json")
         student.unet.save_pretrained(step_unet(out, k), safe_serialization=True)
         results.append(entry)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_results(out, results)
         log(
             f"[{name}] step {k} forget {ps.concept}: "
             + (

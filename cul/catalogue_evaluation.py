@@ -56,6 +56,18 @@ class CatalogueEvaluator:
         self.paraphrase_images = paraphrase_images
         self.base = None
 
+    def settings(self) -> dict:
+        """What decides this evaluator's figures besides the judge (see `Evaluator.settings`)."""
+        return {
+            "evaluator": "catalogue",
+            "catalogue": self.catalogue.name,
+            "images_per_concept": self.images_per_concept,
+            "seed": self.seed,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "paraphrase_images": self.paraphrase_images,
+        }
+
     def prompts(self, forgotten: list[str]) -> list[tuple[str, str]]:
         """(concept, prompt) pairs: `images_per_concept` per concept, cycling its templates."""
         rng = np.random.default_rng(self.seed)

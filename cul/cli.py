@@ -672,7 +672,7 @@ def bench(
 
         requests = [requests[i] for i in np.random.default_rng(order_seed).permutation(len(requests))]
         folder = f"{name}-order{order_seed}"
-    out = out or p.paths.reports / "benchmark" / folder
+    out = out or p.paths.reports / "benchmark" / (f"{folder}-gated" if gated else folder)
     base = _model(model or p.paths.base_model)
     catalogue = p.pipeline.concept_catalogue()
     if uses_world_scenes(catalogue, p.judge.kind):
@@ -752,6 +752,7 @@ def bench(
                 "sequence": sequence.name,
                 **({"order_seed": order_seed} if order_seed is not None else {}),
                 "steps": len(results),
+                **({"mode": "gated", "forgotten": names} if gated else {}),
                 "after": {k: last.get(k) for k in keep},
                 **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
                 # the code that probed: this process's, and per concept where a concept was read

@@ -274,6 +274,7 @@ class Evaluator:
     ) -> None:
         self.judge = judge
         self.spec = spec
+        self.size, self.real_seed = size, real_seed
         self.scenes = eval_scenes(spec.stride)
         real = to_tensor(World(size=size, seed=real_seed).render_all(self.scenes))
         self.real_features = judge.embed(real)
@@ -288,6 +289,16 @@ class Evaluator:
     @property
     def has_base(self) -> bool:
         return self._base is not None
+
+    def settings(self) -> dict:
+        """What decides this evaluator's figures besides the judge: a benchmark records it with
+        every step and refuses to resume under other settings."""
+        return {
+            "evaluator": "world",
+            "spec": self.spec.model_dump(mode="json"),
+            "size": self.size,
+            "real_seed": self.real_seed,
+        }
 
     def fixed_fd(self, model) -> float | None:
         """FD of `model`'s images of the fixed FD set to real images of the same scenes."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cul.benchmark import BenchmarkError, _load_results, _remaining
+from cul.benchmark import BenchmarkError, _load_results, _remaining, write_results
 from cul.config import Params
 from cul.evaluation import Evaluator, StepMetrics, weight_drift
 from cul.fmt import pct, times
@@ -69,7 +69,15 @@ def run_gated_sequence(
         return base_dir if champion == "base" else out / champion
 
     results = _load_results(
-        out, recipe, name, log, order_seed, mode="gated", weights=lambda rs: where(rs[-1]["champion"])
+        out,
+        recipe,
+        name,
+        log,
+        order_seed,
+        mode="gated",
+        weights=lambda rs: where(rs[-1]["champion"]),
+        requests=requests,
+        evaluation=evaluator.settings(),
     )
     # what decides, besides the recipe: a rerun under other settings would mix two gates' verdicts
     settings = {
@@ -77,6 +85,9 @@ def run_gated_sequence(
         "escalation": pl.escalation.model_dump(mode="json"),
         "eval_stride": pl.eval_stride,
         "eval": params.eval.model_dump(mode="json"),
+        "catalogue": pl.catalogue,
+        "judge": {"path": str(params.paths.judge), **params.judge.model_dump(mode="json")},
+        "world": params.world.model_dump(mode="json"),
     }
     gate_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     if results and {r.get("gate_hash") for r in results} != {gate_hash}:
@@ -126,6 +137,7 @@ def run_gated_sequence(
                     "ua": metrics["ua"],
                     "fd_ratio": metrics.get("fd_ratio"),
                     "seconds_train": metrics["seconds_train"],
+                    "replay_images": metrics.get("replay_images", 0),
                     "seconds_eval": metrics["seconds_eval"],
                     "gate_rounds": metrics.get("gate_rounds", 0),
                 }
@@ -136,6 +148,7 @@ def run_gated_sequence(
                 break
             failed = [c.name for c in verdict.checks if not c.passed]
             shutil.rmtree(place / "model")  # as production drops it; its report stays
+        shutil.rmtree(data_dir, ignore_errors=True)  # teacher samples and buffers, as production drops them
         concept = metrics["concept"]
         changed = accepted is not None
         if accepted is not None:
@@ -170,16 +183,19 @@ def run_gated_sequence(
             "champion_scores": previous,
             "gate_hash": gate_hash,
             "gate_settings": settings,
-            "evaluated": bool(forgotten),
+            # judged again only when the champion changed; a rejected request repeats its scores
+            "evaluated": changed,
             **scores,
             **judged,
             "seconds": round(seconds_prepare + sum(a["seconds_train"] for a in attempts), 1),
             "seconds_gate": round(sum(a["seconds_eval"] for a in attempts), 1),
+            "replay_images": sum(a["replay_images"] for a in attempts),
+            "evaluation": evaluator.settings(),
             **({"order_seed": order_seed} if order_seed is not None else {}),
             **made_by,
         }
         results.append(entry)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_results(out, results)
         log(
             f"[{name}] request {k} forget {concept}: "
             + (f"accepted at attempt {len(attempts) - 1}" if changed else f"to review after {len(attempts)} attempts")

@@ -27,9 +27,11 @@ def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> N
 
 def _label(record: dict, name: str | None, folder: Path, taken: dict) -> str:
     """A run's name: its recipe's (the folder's where it records none), with the request order's
-    seed when `--order-seed` shuffled the sequence, and its folder when another run has that name."""
+    seed when `--order-seed` shuffled the sequence, "(gated)" for a run through the gate (`cul
+    bench --gated`), and its folder when another run has that name."""
     seed = record.get("order_seed")
     label = (name or folder.name) + (f" (order {seed})" if seed is not None else "")
+    label += " (gated)" if record.get("mode") == "gated" else ""
     return f"{label} [{folder.name}]" if label in taken else label
 
 
@@ -79,6 +81,19 @@ def evaluated(results: list[dict]) -> int:
     return sum(bool(r.get("evaluated", True)) for r in results)
 
 
+def _reference(runs: dict[str, list[dict]]) -> dict | None:
+    """The base model's figures against the longest forgotten set any run was judged on (RA
+    depends on what is forgotten): a run's last judged step, a gated run's counted by what its
+    champion has forgotten."""
+    best, most = None, -1
+    for results in runs.values():
+        for r in results:
+            n = len(r["forgotten"]) if "forgotten" in r else r["step"]
+            if r.get("base") and r.get("evaluated", True) and n > most:
+                best, most = r["base"], n
+    return best
+
+
 def benchmark_table(runs: dict[str, list[dict]]) -> str:
     """Markdown: each method's metrics after its last step, and its mean cost per request."""
     head = (
@@ -87,8 +102,7 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
-    first = next(iter(runs.values()), [])
-    base = first[-1].get("base") if first else None
+    base = _reference(runs)
     if base:  # the base model judged by the same evaluation, against the same forgotten set
         rows.append(
             f"| base model (reference) | 0 | {pct(base.get('ua'))} | {pct(base.get('ra_in'))} "
@@ -97,15 +111,16 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
     for name, results in runs.items():
         r = results[-1]
         secs = sum(x["seconds"] for x in results) / len(results)
-        imgs = sum(x.get("replay_images", 0) for x in results) / len(results)
+        known = [x["replay_images"] for x in results if "replay_images" in x]
+        imgs = f"{sum(known) / len(known):.0f}" if known else "-"
         back = relapses(results)
         if r.get("mode") == "gated":  # what production delivers: requests the gate let through
-            name += f" (gated: {sum(x['accepted'] for x in results)} of {len(results)} accepted)"
+            name += f", {sum(x['accepted'] for x in results)} of {len(results)} accepted"
         rows.append(
             f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "
             f"| {times(r.get('drift'))} | {'-' if back is None else f'{back} of {evaluated(results)}'} "
-            f"| {secs:.0f} | {imgs:.0f} | {_made_by(r)} |"
+            f"| {secs:.0f} | {imgs} | {_made_by(r)} |"
         )
     return head + "\n".join(rows) + "\n"
 

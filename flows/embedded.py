@@ -124,7 +124,10 @@ def _drain_prefect(timeout: float) -> None:
     from prefect.logging.handlers import APILogWorker
 
     for service in (APILogWorker, EventsWorker):
-        service.drain_all(timeout=timeout)
+        try:
+            service.drain_all(timeout=timeout)
+        except Exception as e:  # the error already on its way out (a failed step, an exit code) matters more
+            print(f"Prefect's queued {service.__name__} records were not all sent: {e}", file=sys.stderr)
 
 
 def crash_dead_runs() -> int:

@@ -208,6 +208,41 @@ def test_at_equal_steps_leaves_out_the_requests_no_run_judged():
     )
 
 
+def test_the_base_reference_is_judged_against_the_longest_forgotten_set_of_any_run():
+    from cul.reports import benchmark_table
+
+    def row(k, ra, **more):
+        return {
+            "step": k,
+            "concept": "c",
+            "ua": 1.0,
+            "ra_in": 1.0,
+            "ra_cross": 1.0,
+            "ra_neighbour": 1.0,
+            "seconds": 1.0,
+            "base": {"ua": 0.0, "ra_in": ra, "ra_cross": ra, "ra_neighbour": ra},
+            **more,
+        }
+
+    gated = [
+        row(1, 0.9, mode="gated", forgotten=["c"], accepted=True),
+        row(2, 0.9, mode="gated", forgotten=["c"], accepted=False),
+    ]
+    plain = [row(1, 0.9), row(2, 0.8), row(3, 0.7), {**row(4, 0.6), "base": None, "evaluated": False}]
+    table = benchmark_table({"gated first": gated, "plain": plain})
+    assert "| base model (reference) | 0 | 0.0 | 70.0 |" in table  # plain's 3rd step: 3 forgotten, the most judged
+    assert "| plain | 4 |" in table and "| gated first, 1 of 2 accepted | 2 |" in table
+
+
+def test_an_unreadable_results_file_is_refused_with_a_message(tmp_path):
+    from cul.benchmark import BenchmarkError, _load_results
+    from cul.unlearning.recipes import DFRRecipe
+
+    (tmp_path / "results.json").write_text('[{"step": 1, "concept"')  # cut short
+    with pytest.raises(BenchmarkError, match="not readable JSON.*move it away"):
+        _load_results(tmp_path, DFRRecipe(), "dfr", print)
+
+
 def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back():
     from cul.reports import relapses
 

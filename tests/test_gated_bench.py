@@ -18,7 +18,7 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     from cul.config import Params
     from cul.evaluation import EvalSpec, Evaluator
     from cul.gated import run_gated_sequence
-    from cul.reports import benchmark_table, evaluated
+    from cul.reports import benchmark_table, evaluated, load_runs
     from cul.unlearning.recipes import load_recipe
 
     project = copy_project(tmp_path / "project")
@@ -44,7 +44,7 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     assert entry["attempts"][0]["recipe_hash"] != entry["attempts"][1]["recipe_hash"]
     assert entry["champion"] == "base" and entry["forgotten"] == [] and entry["ua"] is None
     assert evaluated(rejected) == 0 and not (tmp_path / "strict" / "steps" / "01" / "attempt-0" / "model").exists()
-    assert f"| {name} (gated: 0 of 1 accepted) | 1 |" in benchmark_table({name: rejected})
+    assert f"| {name} (gated), 0 of 1 accepted | 1 |" in benchmark_table(load_runs(tmp_path))
 
     # accepted: the next request starts from it; a rerun resumes after it, under the same gate only
     out = tmp_path / "permissive"
@@ -53,6 +53,11 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     assert first[0]["champion"] == "steps/01/attempt-0/model"
     with pytest.raises(BenchmarkError, match="other settings"):
         run_gated_sequence(strict, base_model, evaluator, requests, recipe, out, name)
+    with pytest.raises(BenchmarkError, match="another sequence .request 1 was circle, this run's is red"):
+        run_gated_sequence(permissive, base_model, evaluator, requests[::-1], recipe, out, name)
+    coarser = Evaluator(judge, EvalSpec(stride=64, steps=2))  # another --stride
+    with pytest.raises(BenchmarkError, match="other evaluation settings"):
+        run_gated_sequence(permissive, base_model, coarser, requests, recipe, out, name)
     logs: list[str] = []
     results = run_gated_sequence(permissive, base_model, evaluator, requests, recipe, out, name, log=logs.append)
     assert "resuming after request 1" in logs[0]

@@ -225,6 +225,9 @@ def test_eval_every_skips_the_evaluation_between_every_nth_request_but_never_the
             calls.append(list(forgotten))
             return judged(model, forgotten)
 
+        def settings(self) -> dict:
+            return evaluator.settings()
+
     evaluator.set_base(tiny_world_model)
     requests = [Request(concept="circle", kind="object"), Request(concept="red", kind="colour")]
     recipe = DFRRecipe(**FAST, retain_batch=4, n_surrogates=2)
