@@ -133,8 +133,9 @@ def steps_table(name: str, results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        concept = r["concept"] + (" (rejected: champion unchanged)" if r.get("accepted") is False else "")
         lines.append(
-            f"| {r['step']} | {r['concept']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
+            f"| {r['step']} | {concept} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {times(r.get('fd_ratio'))} | {times(r.get('drift'))} "
             f"| {r['seconds']:.0f} |"
         )

@@ -18,7 +18,7 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     from cul.config import Params
     from cul.evaluation import EvalSpec, Evaluator
     from cul.gated import run_gated_sequence
-    from cul.reports import benchmark_table, evaluated, load_runs
+    from cul.reports import benchmark_table, evaluated, load_runs, steps_table
     from cul.unlearning.recipes import load_recipe
 
     project = copy_project(tmp_path / "project")
@@ -45,6 +45,7 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     assert entry["champion"] == "base" and entry["forgotten"] == [] and entry["ua"] is None
     assert evaluated(rejected) == 0 and not (tmp_path / "strict" / "steps" / "01" / "attempt-0" / "model").exists()
     assert f"| {name} (gated), 0 of 1 accepted | 1 |" in benchmark_table(load_runs(tmp_path))
+    assert "| 1 | circle (rejected: champion unchanged) | n/a |" in steps_table(name, rejected)
 
     # accepted: the next request starts from it; a rerun resumes after it, under the same gate only
     out = tmp_path / "permissive"
