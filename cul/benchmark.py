@@ -13,7 +13,6 @@ another recipe). Every entry of `results.json` records the recipe, its hash and 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from diffusers import UNet2DConditionModel
 
 from cul import threads
 from cul.evaluation import Evaluator, weight_drift
+from cul.files import write_atomic
 from cul.fmt import pct, times
 from cul.io.provenance import provenance
 from cul.unlearning.merging import ties_merge
@@ -135,9 +135,7 @@ def _load_results(
 
 def write_results(out: Path, results: list[dict]) -> None:
     """OUT/results.json, replaced at once (a kill while writing leaves the previous file whole)."""
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
 
 
 def _remaining(requests: list[Request], done: int, max_steps: int | None) -> list[Request]:

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from cul import device, threads
 from cul.config import Params
+from cul.files import write_atomic
 
 app = typer.Typer(
     help="Continual unlearning for text-to-image diffusion models.",
@@ -105,8 +106,7 @@ def _evaluator(p: Params, catalogue, spec, base):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @app.command()

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cul.files import write_atomic
 from cul.world import CONCEPTS, HELD_OUT_TEMPLATES, Kind, Scene, World, caption, concept, fill
 
 Attack = Literal["soft_prompt", "adversarial", "relearn_retain", "relearn_neighbour"]
@@ -227,10 +228,7 @@ class Prober:
 
     def _save(self) -> None:
         if self.cache is not None:
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache.with_name(f".{self.cache.name}-{os.getpid()}")
-            tmp.write_text(json.dumps({"key": self._key, "hits": self._base_hits}))
-            os.replace(tmp, self.cache)
+            write_atomic(self.cache, json.dumps({"key": self._key, "hits": self._base_hits}))
 
     @staticmethod
     def _batch_key(prompts: list[str], seed: int, name: str) -> str:
@@ -504,9 +502,7 @@ def _write_journal(path: Path, key: str, done: dict[str, dict], samples: dict[st
     tmp = pictures.with_name(f".{pictures.name}-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in samples.items()}, str(tmp), metadata={"key": key})
     os.replace(tmp, pictures)
-    tmp = path.with_name(f".{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "done": done}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"key": key, "done": done}))
 
 
 def summarise(results: Sequence[ProbeResult], min_base_rate: float = 0.5) -> dict[str, dict]:

@@ -10,8 +10,6 @@ their request in, each with its own id.
 from __future__ import annotations
 
 import getpass
-import os
-import tempfile
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -20,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cul.catalogue import Catalogue
+from cul.files import write_atomic
 from cul.io.locks import file_lock
 from cul.unlearning.request import Request, RequestError, resolve_request
 from cul.world import CATALOGUE
@@ -101,12 +100,9 @@ class RequestQueue(QueueReads):
         return [QueuedRequest(**r) for r in data.get("requests", [])]
 
     def _write(self, items: list[QueuedRequest]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump({"requests": [r.model_dump(mode="json") for r in items]}, sort_keys=False)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".queue-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
+        write_atomic(
+            self.path, yaml.safe_dump({"requests": [r.model_dump(mode="json") for r in items]}, sort_keys=False)
+        )
 
     def add(self, concept: str, kind: str | None = None, note: str = "", by: str | None = None) -> QueuedRequest:
         """Validate against the vocabulary and the queue; refuse duplicates with a clear message."""
