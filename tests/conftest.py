@@ -3,8 +3,11 @@ the claim under test is about them (the judge's accuracy, the base model drawing
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,33 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")  # slow when the cores are busy
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one torch thread each, inherited by the processes a test starts
+    # (two threads per process on two busy cores run about ten times slower). Each worker's
+    # temporary Prefect server gets a database of its own: two servers on one SQLite file lock.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _prefect_home = tempfile.mkdtemp(prefix=f"cul-tests-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["PREFECT_HOME"] = _prefect_home
+    atexit.register(shutil.rmtree, _prefect_home, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with slow tests first, the longest (`pytest.mark.slow(seconds=...)`, measured on
+    two cores) first of all, each module kept whole (its fixtures are built once): the workers,
+    which steal work from each other, then end together instead of one finishing a long test alone."""
+
+    def weight(item) -> float:
+        return max((m.kwargs.get("seconds", 1) for m in item.iter_markers("slow")), default=0)
+
+    heaviest: dict = {}
+    for item in items:
+        heaviest[item.module] = max(heaviest.get(item.module, 0), weight(item))
+    items.sort(key=lambda item: -heaviest[item.module])
 
 
 @pytest.fixture(scope="session", autouse=True)

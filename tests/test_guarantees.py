@@ -364,7 +364,7 @@ def _gone(project: Path) -> None:
     assert LineageLock("cul-world", root=project).is_free()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_a_run_killed_or_interrupted_mid_step_leaves_no_process_and_the_next_run_completes_it_once(tmp_path):
     """SIGKILL (a lost node) and SIGTERM to the run's process group (Ctrl-C, `timeout`, a
     scheduler): nothing keeps running, an interrupt ends with a message and no traceback, and the
