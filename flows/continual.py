@@ -14,7 +14,6 @@ worker died (its lineage lock dropped) is crashed and dispatched again.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cul import device, threads
 from cul.config import Params
+from cul.io.cache import CacheError, SharedCache, weights_digest
 from cul.io.database import PgLineageLock, SqlQueue, lineage_lock, open_queue
 from cul.io.tracking import Tracker, TrackingSettings
 from cul.io.versioning import Versioner
@@ -60,22 +60,32 @@ def prepare_step_data(spec_json: str, params_json: str, parent_hash: str) -> str
 
 @task
 def unlearn_and_evaluate(spec_json: str, params_json: str, data_dir: str, run_id: str, tracking_json: str) -> dict:
+    params, log = Params.model_validate_json(params_json), get_run_logger()
     tracker = Tracker(TrackingSettings.model_validate_json(tracking_json))
+    shared = _shared_cache(params, "pull", log)
     with tracker.resume(run_id, system_metrics=True):
-        return train_and_evaluate(
-            StepSpec.model_validate_json(spec_json),
-            Params.model_validate_json(params_json),
-            Path(data_dir),
-            progress=True,
-            log=get_run_logger().info,
+        metrics = train_and_evaluate(
+            StepSpec.model_validate_json(spec_json), params, Path(data_dir), progress=True, log=log.info
         )
+    if shared is not None:
+        _shared_cache(params, "push", log, shared)
+    return metrics
 
 
-def _tree_hash(folder: str) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+def _shared_cache(params: Params, way: str, log, cache: SharedCache | None = None) -> SharedCache | None:
+    """Pull the base model's figures from `CUL_CACHE_URL` before a step, or push them after it
+    (`cul.io.cache`). The cache only saves work: when it fails, the step goes on without it."""
+    folder = params.paths.reports / "base"
+    try:
+        cache = cache or SharedCache.from_env(params.paths.base_model)
+        if cache is None:
+            return None
+        names = cache.pull(folder) if way == "pull" else cache.push(folder)
+    except CacheError as e:
+        log.warning(f"shared cache: {e}; the base model's figures are computed here")
+        return None
+    log.info(f"shared cache: {way}ed {', '.join(names) or 'nothing new'}")
+    return cache
 
 
 class TaskRunner:
@@ -87,7 +97,8 @@ class TaskRunner:
     def prepare(self, spec: StepSpec) -> str:
         # what the data depend on: not the attempt, nor the request's note
         data_spec = spec.model_copy(update={"request": spec.request.model_copy(update={"note": ""})})
-        args = (data_spec.model_dump_json(exclude={"attempt"}), self.params.model_dump_json(), _tree_hash(spec.parent))
+        parent = weights_digest(spec.parent)
+        args = (data_spec.model_dump_json(exclude={"attempt"}), self.params.model_dump_json(), parent)
         data_dir = prepare_step_data(*args)
         if not (Path(data_dir) / "prompts.json").exists():  # a cached result whose folder was cleaned
             data_dir = prepare_step_data.with_options(refresh_cache=True)(*args)

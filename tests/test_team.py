@@ -151,6 +151,7 @@ def team(servers, tmp_path_factory):
         "CUL_DATABASE_URL": create_database(servers["CUL_TEST_PG"], "cul_team"),
         "CUL_REPO_URL": str(remote),
         "CUL_DVC_REMOTE_URL": f"s3://{BUCKET}/dvc-team",
+        "CUL_CACHE_URL": f"s3://{BUCKET}/cache-team",  # the base model's figures, shared by the flow runs
         "CUL_WEBHOOK_SECRET": SECRET,
         "CUL_IMAGE": "cul:test",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -259,6 +260,12 @@ def test_three_requests_at_once_run_one_at_a_time_and_survive_a_killed_worker(te
         md5 = next(o["md5"] for o in lock["stages"][f"step@{key}"]["outs"] if o["path"] == f"models/steps/{key}")
         assert f"dvc-team/files/md5/{md5[:2]}/{md5[2:]}" in keys
     assert versions[-1].tags["dvc_rev"] == _git(team.remote, "rev-parse", "main")
+    # the base model is judged once for the team: later flow runs, each in a fresh clone, pull its figures
+    cached = {k.split("/", 1)[1] for k in s3_keys(team.env["CUL_S3_ENDPOINT"], "cache-team/")}
+    assert len({k.split("/")[0] for k in cached}) == 1  # one base model, one folder
+    assert any(k.split("/")[1].startswith("eval-stride") for k in cached)
+    worker_logs = "".join((team.tmp / f"worker-{n}.log").read_text() for n in team.workers)
+    assert "shared cache: pulled eval-stride" in worker_logs
 
     figures = {"requests": 3, "seconds": round(seconds, 1), "killed_worker": killed, "per_request": []}
     for v in versions:
