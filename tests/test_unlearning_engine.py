@@ -511,7 +511,7 @@ def test_adversarial_context_stays_in_its_ball_and_brings_the_student_closer_to_
     the found context is closer to the concept teacher's than under the prompt's own."""
     import torch.nn.functional as F
 
-    from cul.unlearning.objectives.dfr import adversarial_context
+    from cul.unlearning.objectives.adversarial import adversarial_context
     from cul.unlearning.recipes import Adversarial
 
     teacher = tiny_world_model
@@ -540,3 +540,18 @@ def test_robust_dfr_trains_an_adversarial_term(tiny_world_model, small_prompts):
     result = unlearn(tiny_world_model, small_prompts, dfr(adversarial=Adversarial(steps=1)))
     assert all("adv" in row for row in result.history)
     assert result.drift > 0
+
+
+def test_robust_ca_adds_the_adversarial_term_and_leaves_plain_ca_as_it_was(tiny_world_model, small_prompts):
+    """CA with `adversarial` trains L_adv beside its own term; without it the same seed gives
+    the same first loss and no L_adv (the option changes nothing when unset, hash included)."""
+    from cul.unlearning.recipes import Adversarial, recipe_hash
+
+    plain = fast("ca", trainable="xattn_kv")
+    robust = plain.model_copy(update={"adversarial": Adversarial(steps=1)})
+    a = unlearn(tiny_world_model.copy(), small_prompts, plain)
+    b = unlearn(tiny_world_model.copy(), small_prompts, robust)
+    assert all("adv" not in row for row in a.history) and all("adv" in row for row in b.history)
+    assert a.history[0]["unl"] == pytest.approx(b.history[0]["unl"])  # same draws, same first step
+    assert recipe_hash(plain) == recipe_hash(PRODUCTION["ca"](**{**FAST, "trainable": "xattn_kv"}))
+    assert recipe_hash(robust) != recipe_hash(plain)

@@ -165,7 +165,22 @@ class Adversarial(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
-class DFRRecipe(RecipeBase):
+class AdversarialOption(BaseModel):
+    """The erasers that offer adversarial erasure (DFR, CA)."""
+
+    #: adversarial erasure (None: off, and absent from the recipe's dump and hash, so recipes made
+    #: before the option keep their hashes); see `Adversarial`.
+    adversarial: Adversarial | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_options(self, handler):
+        data = handler(self)
+        if data.get("adversarial", 0) is None:
+            del data["adversarial"]
+        return data
+
+
+class DFRRecipe(AdversarialOption, RecipeBase):
     """DFR (Distillation-based Forgetting and Retention) with the changes that make it hold over ten
     requests here (docs/method.md). The defaults are the production recipe."""
 
@@ -196,17 +211,7 @@ class DFRRecipe(RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
-    #: adversarial erasure (None: off, and absent from the recipe's dump and hash, so recipes made
-    #: before the option keep their hashes); see `Adversarial`.
-    adversarial: Adversarial | None = None
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_options(self, handler):
-        data = handler(self)
-        if data.get("adversarial", 0) is None:
-            del data["adversarial"]
-        return data
 
     def distils_from_base(self) -> bool:
         return self.retain_teacher == "base"
@@ -227,7 +232,7 @@ class DFRRecipe(RecipeBase):
         return self
 
 
-class CARecipe(RecipeBase):
+class CARecipe(AdversarialOption, RecipeBase):
     """Concept Ablation (Kumari et al., 2023), model-based, on cross-attention K/V."""
 
     method: Literal["ca"] = "ca"

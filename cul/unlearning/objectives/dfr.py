@@ -22,8 +22,8 @@ of many clean scenes, reusing replayed images). `adversarial` (AdvUnlearn) adds
 
     L_adv  = E || eps_theta(x_t, t, c_f + delta*) - sg[eps_T(x_t, t, p_m)] ||^2,
 
-delta* the inner minimiser of `adversarial_context`: the context near the forget prompt's under
-which theta draws the concept again.
+delta* the inner minimiser of `adversarial_context` (`objectives/adversarial.py`): the context near
+the forget prompt's under which theta draws the concept again.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cul.unlearning.batches import ForgetBatch, RetainBatch
+from cul.unlearning.objectives.adversarial import adversarial_context
 from cul.unlearning.objectives.common import noised
 
 
@@ -44,25 +45,6 @@ def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: 
         if push:
             target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
-
-
-def adversarial_context(student, concept_teacher, x_t, t, context: torch.Tensor, adv) -> torch.Tensor:
-    """AdvUnlearn's inner step: the context within `adv.radius` (per token, relative) of `context`
-    under which the student's prediction is closest to the concept teacher's on `context` (the
-    student drawing the concept again). Normalised gradient descent, projected on the ball."""
-    with torch.no_grad():
-        concept_eps = concept_teacher.predict_noise(x_t, t, context)
-    scale = context.norm(dim=-1, keepdim=True)
-    delta = torch.zeros_like(context, requires_grad=True)
-    for _ in range(adv.steps):
-        loss = F.mse_loss(student.predict_noise(x_t, t, context + delta), concept_eps)
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            step = delta - adv.step_size * scale * grad / (grad.norm(dim=-1, keepdim=True) + 1e-12)
-            norm = step.norm(dim=-1, keepdim=True)
-            step = step * torch.clamp(adv.radius * scale / (norm + 1e-12), max=1.0)
-        delta = step.requires_grad_(True)
-    return (context + delta).detach()
 
 
 def adversarial_resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float, adv):
