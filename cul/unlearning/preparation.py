@@ -19,10 +19,17 @@ def choose_surrogates(
     model, name: str, forgotten: list[str], hints: list[str], n: int, neighbours: bool = True
 ) -> list[str]:
     """Hints first, then the same-kind candidates closest in noise prediction; with
-    `neighbours=False` the concept's confusables are not candidates."""
+    `neighbours=False` the concept's confusables are candidates only when no other concept of its
+    kind is left (late in a sequence that erased the rest, as `benchmarks/clusters-20.yaml` does)."""
     kind = concept(name).kind
-    banned = set(forgotten) | set(hints) | {name} | (set() if neighbours else set(CONFUSABLES[name]))
-    candidates = [c.name for c in CONCEPTS[kind] if c.name not in banned]
+    banned = set(forgotten) | set(hints) | {name}
+    left = [c.name for c in CONCEPTS[kind] if c.name not in banned]
+    candidates = left if neighbours else [c for c in left if c not in CONFUSABLES[name]] or left
+    if not hints and not candidates:
+        raise ValueError(
+            f"nothing is left to map {name!r} to: every other {kind.value} is forgotten "
+            f"({', '.join(sorted(set(forgotten) & {c.name for c in CONCEPTS[kind]}))})"
+        )
     ranked = [c for c, _ in rank_surrogates(model, name, candidates)]
     return (list(hints) + ranked)[:n]
 
