@@ -35,8 +35,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(config, items):
     """The modules with slow tests first, the longest (`pytest.mark.slow(seconds=...)`, measured on
-    two cores) first of all, each module kept whole (its fixtures are built once): the workers,
-    which steal work from each other, then end together instead of one finishing a long test alone."""
+    two cores) first of all. pytest-xdist hands out whole modules (`--dist loadscope`: a module's
+    fixtures are built once, and its tests run in order, as some build on the one before) in this
+    order, so the workers end together instead of one finishing a long module alone."""
 
     def weight(item) -> float:
         return max((m.kwargs.get("seconds", 1) for m in item.iter_markers("slow")), default=0)
