@@ -652,6 +652,7 @@ def bench(
     from cul.io.provenance import code_revision
     from cul.judges import uses_world_scenes
     from cul.plots import metric_curves
+    from cul.unlearning.preparation import PreparationError
     from cul.unlearning.recipes import RecipeError, load_recipe
 
     p = _params(params)
@@ -723,6 +724,8 @@ def bench(
             )
     except BenchmarkError as e:
         raise typer.BadParameter(str(e)) from e
+    except PreparationError as e:  # a request of the sequence that cannot be prepared: what is kept stays
+        _fail(f"{e} (the finished requests are in {out}/results.json)")
     metric_curves({name: results}, out / "metrics.png", f"{name} on {sequence.name}")
     console.print(f"{len(results)} steps -> {out}/results.json, {out}/metrics.png")
     if probes and results and gated and not results[-1]["forgotten"]:

@@ -93,12 +93,12 @@ def test_surrogates_are_ranked_by_noise_prediction(tiny_world_model):
 def test_a_concept_whose_only_kin_left_are_its_neighbours_maps_to_one_and_with_none_left_says_so(tiny_world_model):
     """Star after the other round and square shapes (clusters-20's request 17): the production
     recipe prefers surrogates that are not neighbours, but cross and triangle are all that is left."""
-    from cul.unlearning.preparation import choose_surrogates
+    from cul.unlearning.preparation import PreparationError, choose_surrogates
 
     gone = ["circle", "ellipse", "ring", "square", "diamond"]
     assert sorted(choose_surrogates(tiny_world_model, "star", gone, [], 5, neighbours=False)) == ["cross", "triangle"]
     assert choose_surrogates(tiny_world_model, "star", gone[:4], [], 1, neighbours=False) == ["diamond"]
-    with pytest.raises(ValueError, match="nothing is left to map 'star' to: every other object is forgotten"):
+    with pytest.raises(PreparationError, match="nothing is left to map 'star' to: every other object is forgotten"):
         choose_surrogates(tiny_world_model, "star", [*gone, "cross", "triangle"], [], 5, neighbours=False)
 
 

@@ -15,6 +15,10 @@ from cul.unlearning.request import Request, resolve_request
 from cul.world import CONCEPTS, CONFUSABLES, concept
 
 
+class PreparationError(ValueError):
+    """A request that cannot be prepared as asked; the message says why."""
+
+
 def choose_surrogates(
     model, name: str, forgotten: list[str], hints: list[str], n: int, neighbours: bool = True
 ) -> list[str]:
@@ -26,7 +30,7 @@ def choose_surrogates(
     left = [c.name for c in CONCEPTS[kind] if c.name not in banned]
     candidates = left if neighbours else [c for c in left if c not in CONFUSABLES[name]] or left
     if not hints and not candidates:
-        raise ValueError(
+        raise PreparationError(
             f"nothing is left to map {name!r} to: every other {kind.value} is forgotten "
             f"({', '.join(sorted(set(forgotten) & {c.name for c in CONCEPTS[kind]}))})"
         )
