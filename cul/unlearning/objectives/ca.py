@@ -24,14 +24,14 @@ from cul.unlearning.objectives.common import ForgetOnly, noised
 class ConceptAblation(ForgetOnly):
     def __init__(self, recipe, teacher, keep_teacher=None, reference=None) -> None:
         super().__init__(recipe, teacher)
-        adv = getattr(recipe, "adversarial", None)
+        adv = recipe.adversarial
         self.weights = {"unl": 1.0, **({"adv": adv.weight} if adv is not None else {})}
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
         return self._terms(student, batches, gen, adversarial=False)["unl"]
 
     def losses(self, student, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return self._terms(student, batches, gen, adversarial=getattr(self.recipe, "adversarial", None) is not None)
+        return self._terms(student, batches, gen, adversarial=self.recipe.adversarial is not None)
 
     def _terms(self, student, batches, gen: torch.Generator, adversarial: bool) -> dict[str, torch.Tensor]:
         b = batches.forget(gen)
