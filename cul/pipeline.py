@@ -28,6 +28,7 @@ from cul.gate import Gate, Verdict
 from cul.probes import ProbeResult
 from cul.queue import QueuedRequest, State
 from cul.step import STEPS_FILE, StepSpec, load_steps, next_key, save_step
+from cul.unlearning.preparation import PreparationError
 from cul.unlearning.recipes import RecipeBase, recipe_hash
 
 
@@ -232,7 +233,16 @@ def process_request(
     log(f"{request_id}: forget {item.concept} from {parent} (version {parent_version}) as step {key} with {name}")
     outcome = RequestOutcome(request_id, item.concept, accepted=False)
     t0 = time.perf_counter()
-    data_dir = runner.prepare(base_spec)
+    try:
+        data_dir = runner.prepare(base_spec)
+    except PreparationError as e:  # nothing to train on as asked: a person decides, nothing is tried
+        outcome.reasons = [f"cannot be prepared: {e}"]
+        queue.update(request_id, state=State.review, reasons=outcome.reasons)
+        shutil.rmtree(base_spec.data_dir, ignore_errors=True)
+        tracker.set_outcome(run_id, "review")
+        tracker.close(run_id)
+        log(f"{request_id}: {outcome.reasons[0]}; sent to review, champion unchanged")
+        return outcome
     outcome.seconds_prepare = time.perf_counter() - t0
     spec, attempt_run, failed = base_spec, "", list[str]()
     for attempt in range(pl.escalation.max_attempts):

@@ -62,30 +62,40 @@ def prepare_step_data(spec_json: str, params_json: str, parent_hash: str) -> str
 def unlearn_and_evaluate(spec_json: str, params_json: str, data_dir: str, run_id: str, tracking_json: str) -> dict:
     params, log = Params.model_validate_json(params_json), get_run_logger()
     tracker = Tracker(TrackingSettings.model_validate_json(tracking_json))
-    shared = _shared_cache(params, "pull", log)
+    shared = _pull_base_figures(params, log)
     with tracker.resume(run_id, system_metrics=True):
         metrics = train_and_evaluate(
             StepSpec.model_validate_json(spec_json), params, Path(data_dir), progress=True, log=log.info
         )
     if shared is not None:
-        _shared_cache(params, "push", log, shared)
+        _push_base_figures(shared, params, log)
     return metrics
 
 
-def _shared_cache(params: Params, way: str, log, cache: SharedCache | None = None) -> SharedCache | None:
-    """Pull the base model's figures from `CUL_CACHE_URL` before a step, or push them after it
-    (`cul.io.cache`). The cache only saves work: when it fails, the step goes on without it."""
-    folder = params.paths.reports / "base"
+def _pull_base_figures(params: Params, log) -> SharedCache | None:
+    """The base model's figures from `CUL_CACHE_URL` (`cul.io.cache`) into this clone before a step;
+    the cache, or None when there is none. It only saves work: when it fails, the step goes on
+    and computes the figures here."""
     try:
-        cache = cache or SharedCache.from_env(params.paths.base_model)
-        if cache is None:
-            return None
-        names = cache.pull(folder) if way == "pull" else cache.push(folder)
+        cache = SharedCache.from_env(params.paths.base_model)
+        if cache is not None:
+            log.info(f"shared cache: pulled {', '.join(cache.pull(_base_reports(params))) or 'nothing new'}")
+        return cache
     except CacheError as e:
         log.warning(f"shared cache: {e}; the base model's figures are computed here")
         return None
-    log.info(f"shared cache: {way}ed {', '.join(names) or 'nothing new'}")
-    return cache
+
+
+def _push_base_figures(cache: SharedCache, params: Params, log) -> None:
+    """What the step added to the base model's figures, back to the shared cache."""
+    try:
+        log.info(f"shared cache: pushed {', '.join(cache.push(_base_reports(params))) or 'nothing new'}")
+    except CacheError as e:
+        log.warning(f"shared cache: {e}; the base model's figures stay in this clone only")
+
+
+def _base_reports(params: Params) -> Path:
+    return params.paths.reports / "base"
 
 
 class TaskRunner:

@@ -33,19 +33,42 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The modules with slow tests first, the longest (`pytest.mark.slow(seconds=...)`, measured on
-    two cores) first of all. pytest-xdist hands out whole modules (`--dist loadscope`: a module's
-    fixtures are built once, and its tests run in order, as some build on the one before) in this
-    order, so the workers end together instead of one finishing a long module alone."""
+# Modules whose tests run on one worker, in order: their module fixture is built once, and some
+# of their tests build on the one before.
+WHOLE_MODULES = ("tests/test_team.py", "tests/test_pipeline_servers.py", "tests/test_pipeline_sd.py")
 
-    def weight(item) -> float:
+
+def _unit(nodeid: str) -> str:
+    """What pytest-xdist hands to one worker: a whole module of WHOLE_MODULES, else one test."""
+    module = nodeid.split("::", 1)[0]
+    return module if module in WHOLE_MODULES else nodeid
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest work first (`pytest.mark.slow(seconds=...)`, measured on two cores; a whole
+    module weighs as its slowest test), so the two workers end together instead of one finishing
+    a long module alone."""
+
+    def seconds(item) -> float:
         return max((m.kwargs.get("seconds", 1) for m in item.iter_markers("slow")), default=0)
 
-    heaviest: dict = {}
+    weight: dict[str, float] = {}
     for item in items:
-        heaviest[item.module] = max(heaviest.get(item.module, 0), weight(item))
-    items.sort(key=lambda item: -heaviest[item.module])
+        weight[_unit(item.nodeid)] = max(weight.get(_unit(item.nodeid), 0), seconds(item))
+    items.sort(key=lambda item: -weight[_unit(item.nodeid)])
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Single tests, and the WHOLE_MODULES whole, handed out in collection order. (xdist's own
+    `--dist loadgroup` cannot group under pytest 9, which ignores the node id it rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModulesElseTests(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the slowest-first order
+    return WholeModulesElseTests(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from cul.evaluation import generate_scenes, judge_images
 from cul.world import all_scenes
 
 
+@pytest.mark.slow(seconds=50)
 def test_committed_base_model_draws_what_it_is_told(base_model, judge):
     scenes = all_scenes()[::11]  # 47 scenes spread over every object, colour and texture
     images = generate_scenes(base_model, scenes, seed=99)

@@ -10,7 +10,7 @@ from cul.catalogue import Catalogue
 from cul.catalogue_evaluation import CatalogueEvaluator
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 def test_on_the_world_the_base_model_draws_each_concept_and_a_forgotten_one_scores_as_kept(base_model, judge):
     world = Catalogue.load("world")
     evaluator = CatalogueEvaluator(world, judge, images_per_concept=2, steps=10)

@@ -11,6 +11,7 @@ from cul.unlearning.request import Request
 from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
 
 
+@pytest.mark.slow(seconds=90)
 def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resumes_under_its_own_gate_only(
     tmp_path, monkeypatch, base_model, judge
 ):

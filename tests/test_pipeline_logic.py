@@ -13,6 +13,7 @@ from cul.io.tracking import ChampionInfo
 from cul.pipeline import process_request, step_records, stops_the_run
 from cul.queue import RequestQueue, State
 from cul.step import load_steps
+from cul.unlearning.preparation import PreparationError
 from tests.support.fakes import Runner, Tracker, Versioner
 
 
@@ -74,6 +75,26 @@ def test_a_step_rejected_every_time_goes_to_review_and_leaves_nothing_behind(pro
     assert not any(Path(d).exists() for d in ("models/steps/s01", "reports/steps/s01", "data/steps/s01"))
     assert load_steps() == {} and not Path("reports/audit").exists()
     assert tracker.runs["run0"]["tags"]["outcome"] == "review"
+
+
+NOTHING_LEFT = "nothing is left to map 'red' to: every other colour is forgotten (...)"
+
+
+class _Unpreparable(Runner):
+    def prepare(self, spec):
+        spec.data_dir.mkdir(parents=True, exist_ok=True)  # a half-written folder
+        raise PreparationError(NOTHING_LEFT)
+
+
+def test_a_request_that_cannot_be_prepared_goes_to_review_with_the_reason_and_nothing_is_tried(project):
+    queue, tracker, versioner = RequestQueue(project.pipeline.requests_file), Tracker(), Versioner()
+    runner = _Unpreparable(left=[0.0])
+    out = process_request("r001", project, queue, tracker, versioner, runner, log=lambda m: None)
+    assert not out.accepted and out.attempts == [] and runner.specs == []
+    item = queue.get("r001")
+    assert item.state == State.review and item.reasons == [f"cannot be prepared: {NOTHING_LEFT}"]
+    assert tracker.versions == [] and versioner.commits == [] and not Path("data/steps/s01").exists()
+    assert tracker.runs["run0"]["tags"]["outcome"] == "review" and tracker.runs["run0"]["status"] == "FINISHED"
 
 
 def test_a_concept_the_champion_already_forgot_is_a_no_op(project):

@@ -18,7 +18,7 @@ from cul.unlearning.recipes import dump_recipe, load_recipe
 from tests.support.project import PERMISSIVE_GATE, copy_project
 from tests.support.servers import cul, s3_keys, use_s3_remote
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=60)  # one worker runs the module whole (conftest.WHOLE_MODULES)
 MODEL = "cul-tiny-sd"
 CONCEPTS = {c.name for c in Catalogue.load("sd-dfr10").concepts}
 

@@ -20,7 +20,7 @@ from tests.support.browser import require_chromium, set_alias_in_ui
 from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
 from tests.support.servers import cul, s3_keys, use_s3_remote
 
-pytestmark = pytest.mark.slow(seconds=350)
+pytestmark = pytest.mark.slow(seconds=350)  # one worker runs the module whole (conftest.WHOLE_MODULES)
 MODEL = "cul-world"
 
 

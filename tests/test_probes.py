@@ -74,6 +74,7 @@ def test_a_soft_word_equal_to_a_real_word_reproduces_its_prompt_exactly(text_enc
     assert not torch.allclose(other, real, atol=1e-3)
 
 
+@pytest.mark.slow(seconds=50)
 def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_model, judge, tmp_path):
     """Every family on a real model (budgets cut to seconds). The wording probes are deterministic
     (the base model's figures come from the cache the second time), and the base model probed

@@ -35,7 +35,7 @@ import yaml
 from tests.support.project import PERMISSIVE_GATE, copy_project, tiny_params
 from tests.support.servers import BUCKET, background, cul, free_port, s3_keys
 
-pytestmark = pytest.mark.slow(seconds=500)
+pytestmark = pytest.mark.slow(seconds=500)  # one worker runs the module whole (conftest.WHOLE_MODULES)
 BIN = Path(sys.executable).parent
 MODEL = "cul-team"
 SECRET = "team-test-secret"

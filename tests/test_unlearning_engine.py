@@ -113,6 +113,7 @@ def test_ties_merge_elects_signs_and_averages_agreeing_entries():
     assert trimmed["w"][2] == 0  # small entries are trimmed away
 
 
+@pytest.mark.slow(seconds=100)
 def test_one_dfr_step_lowers_the_forgotten_concepts_judge_score(base_model, judge):
     """On the committed base model: forgetting 'red' makes red prompts stop drawing red."""
     from cul.evaluation import generate_scenes, judge_images

@@ -40,11 +40,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> No
 
 
 @contextmanager
-def background(cmd: list[str], env: dict, log: Path, health: str, timeout: float = 120):
+def started(cmd: list[str], env: dict, log: Path):
+    """`cmd` running in the background (output to `log`) until the block ends."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(health, proc, timeout, log)
         yield proc
     finally:
         proc.terminate()
@@ -52,6 +52,14 @@ def background(cmd: list[str], env: dict, log: Path, health: str, timeout: float
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def background(cmd: list[str], env: dict, log: Path, health: str, timeout: float = 120):
+    """`cmd` in the background, once `health` answers."""
+    with started(cmd, env, log) as proc:
+        wait_http(health, proc, timeout, log)
+        yield proc
 
 
 @contextmanager
@@ -111,16 +119,13 @@ def stack(tmp: Path, pg: str):
     }
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     try:
+        # both start at once; each is waited for in turn
         with (
-            background(mlflow_cmd, mlflow_env, tmp / "mlflow.log", f"http://127.0.0.1:{mlflow_port}/health"),
-            background(
-                prefect_cmd,
-                prefect_env,
-                tmp / "prefect.log",
-                f"http://127.0.0.1:{prefect_port}/api/health",
-                timeout=180,
-            ),
+            started(mlflow_cmd, mlflow_env, tmp / "mlflow.log") as mlflow,
+            started(prefect_cmd, prefect_env, tmp / "prefect.log") as prefect,
         ):
+            wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, 120, tmp / "mlflow.log")
+            wait_http(f"http://127.0.0.1:{prefect_port}/api/health", prefect, 180, tmp / "prefect.log")
             yield {
                 **base_env,
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
