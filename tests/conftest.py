@@ -58,6 +58,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -weight[_unit(item.nodeid)])
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (`-p no:xdist`) still runs
 def pytest_xdist_make_scheduler(config, log):
     """Single tests, and the WHOLE_MODULES whole, handed out in collection order. (xdist's own
     `--dist loadgroup` cannot group under pytest 9, which ignores the node id it rewrites.)"""

@@ -161,6 +161,20 @@ def test_a_model_ranks_the_automatic_choices_by_its_noise_predictions(tiny_world
     assert list(entry.chosen["noise_distance"].values()) == sorted(entry.chosen["noise_distance"].values())
 
 
+def test_a_concept_whose_surrogates_are_all_forgotten_cannot_be_prepared_and_says_what_to_do():
+    """Pikachu's one surrogate, "cartoon mouse", was forgotten first: nothing is left to map it to
+    (a `PreparationError`, which sends the request to review), unless the request names one."""
+    from cul.unlearning.preparation import PreparationError, prepare_catalogue_step
+    from cul.unlearning.recipes import DFRRecipe
+
+    with pytest.raises(PreparationError, match=r"its surrogates in 'sd-dfr10' are all forgotten \(cartoon mouse\)"):
+        prepare_catalogue_step(None, SD, Request(concept="Pikachu"), ["cartoon mouse"], DFRRecipe(), seed=0)
+    named = prepare_catalogue_step(
+        None, SD, Request(concept="Pikachu", surrogates=["Mickey Mouse"]), ["cartoon mouse"], DFRRecipe(), seed=0
+    )
+    assert named.surrogates == ["Mickey Mouse"]
+
+
 def test_a_prompt_set_from_any_catalogue_pairs_each_forget_prompt_with_a_surrogate_and_keeps_the_rest():
     from cul.unlearning.prompts import catalogue_prompt_set
 

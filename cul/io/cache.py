@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,7 +54,10 @@ class SharedCache:
 
         options = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint and url.startswith("s3://") else {}
         self.url = url.rstrip("/")
-        self.fs, root = url_to_fs(self.url, **options)
+        try:
+            self.fs, root = url_to_fs(self.url, **options)
+        except Exception as e:  # an unknown scheme, a missing backend
+            raise CacheError(f"cannot open the shared cache {self.url.split('@')[-1]}: {e}") from e
         self.digest = weights_digest(base_model)[:16]
         self.root = f"{root.rstrip('/')}/{self.digest}"
 
@@ -101,16 +105,23 @@ class SharedCache:
 
     def push(self, folder: str | Path) -> list[str]:
         """Copy `folder`'s cache files the cache lacks, or has at another size, into it. Returns
-        their names."""
+        their names. Each lands whole, so a reader never sees part of one: it is written under a
+        temporary name, then moved (a rename in a folder; in a bucket an object appears whole)."""
         remote = self._remote()
         pushed = []
         for name, path in self._local(Path(folder)).items():
             if name in remote and remote[name].get("size") == path.stat().st_size:
                 continue
+            tmp = f"{self.root}/.{name}-{uuid.uuid4().hex[:8]}.part"
             try:
                 self.fs.makedirs(self.root, exist_ok=True)  # a local folder's; a no-op in a bucket
-                self.fs.put_file(str(path), f"{self.root}/{name}")
+                self.fs.put_file(str(path), tmp)
+                self.fs.mv(tmp, f"{self.root}/{name}")
             except Exception as e:
+                try:
+                    self.fs.rm(tmp)
+                except Exception:
+                    pass  # never written, or already moved
                 raise CacheError(f"cannot write {name} to the shared cache {self._where()}: {e}") from e
             pushed.append(name)
         return pushed

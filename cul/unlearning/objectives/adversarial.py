@@ -26,7 +26,9 @@ def adversarial_context(student, concept_teacher, x_t, t, context: torch.Tensor,
     scale = context.norm(dim=-1, keepdim=True)
     delta = torch.zeros_like(context, requires_grad=True)
     for _ in range(adv.steps):
-        loss = F.mse_loss(student.predict_noise(x_t, t, context + delta), concept_eps)
+        # a sum, not a mean: only the gradient's direction is used, and a mean over every latent
+        # element gives gradients small enough to vanish in half precision (Stable Diffusion on GPU)
+        loss = F.mse_loss(student.predict_noise(x_t, t, context + delta), concept_eps, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             step = delta - adv.step_size * scale * grad / (grad.norm(dim=-1, keepdim=True) + 1e-12)
