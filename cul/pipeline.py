@@ -178,6 +178,18 @@ def attempt_row(attempt: int, recipe: RecipeBase, m: StepMetrics, seconds: float
     }
 
 
+def _to_review(
+    outcome: RequestOutcome, reasons: list[str], spec: StepSpec, queue: Queue, tracker: Tracker, run_id: str
+) -> None:
+    """The request waits for a person with `reasons`; the step's folders go, its run closes."""
+    outcome.reasons = reasons
+    queue.update(outcome.request, state=State.review, reasons=reasons)
+    for d in (spec.model_dir, spec.report_dir, spec.data_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    tracker.set_outcome(run_id, "review")
+    tracker.close(run_id)
+
+
 def process_request(
     request_id: str,
     params: Params,
@@ -236,11 +248,7 @@ def process_request(
     try:
         data_dir = runner.prepare(base_spec)
     except PreparationError as e:  # nothing to train on as asked: a person decides, nothing is tried
-        outcome.reasons = [f"cannot be prepared: {e}"]
-        queue.update(request_id, state=State.review, reasons=outcome.reasons)
-        shutil.rmtree(base_spec.data_dir, ignore_errors=True)
-        tracker.set_outcome(run_id, "review")
-        tracker.close(run_id)
+        _to_review(outcome, [f"cannot be prepared: {e}"], base_spec, queue, tracker, run_id)
         log(f"{request_id}: {outcome.reasons[0]}; sent to review, champion unchanged")
         return outcome
     outcome.seconds_prepare = time.perf_counter() - t0
@@ -284,13 +292,8 @@ def process_request(
         )
 
     if not verdict.accepted:
-        queue.update(request_id, state=State.review, reasons=verdict.reasons)
-        for d in (spec.model_dir, spec.report_dir, spec.data_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        tracker.set_outcome(run_id, "review")
-        tracker.close(run_id)
+        _to_review(outcome, verdict.reasons, spec, queue, tracker, run_id)
         log(f"{request_id}: rejected after {len(outcome.attempts)} attempt(s); champion unchanged")
-        outcome.reasons = verdict.reasons
         return outcome
 
     if not holds_lineage():

@@ -15,6 +15,7 @@ longer matches, so the step computes the figures again and pushes the new file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -118,10 +119,8 @@ class SharedCache:
                 self.fs.put_file(str(path), tmp)
                 self.fs.mv(tmp, f"{self.root}/{name}")
             except Exception as e:
-                try:
+                with contextlib.suppress(Exception):  # never written, or already moved
                     self.fs.rm(tmp)
-                except Exception:
-                    pass  # never written, or already moved
                 raise CacheError(f"cannot write {name} to the shared cache {self._where()}: {e}") from e
             pushed.append(name)
         return pushed

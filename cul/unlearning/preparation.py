@@ -62,15 +62,19 @@ def prepare_catalogue_step(
     r = resolve_request(request, forgotten, catalogue=catalogue)
     entry = catalogue.get(r.concept)
     candidates = [s for s in entry.surrogates if s not in forgotten and s not in r.surrogates]
-    if entry.surrogates and not candidates and not r.surrogates:
-        raise PreparationError(
-            f"nothing is left to map {r.concept!r} to: its surrogates in {catalogue.name!r} are all forgotten "
-            f"({', '.join(entry.surrogates)}); add others (`cul concept add`) or name one in the request"
-        )
     if len(candidates) > 1:
         distance = noise_distances(model, catalogue, r.concept, entry.category, candidates)
         candidates.sort(key=lambda s: distance[s])
     surrogates = (r.surrogates + candidates)[: recipe.n_surrogates]
+    if not surrogates:
+        why = (
+            f"its surrogates in {catalogue.name!r} are all forgotten ({', '.join(entry.surrogates)})"
+            if entry.surrogates
+            else f"it has no surrogates in {catalogue.name!r}"
+        )
+        raise PreparationError(
+            f"nothing is left to map {r.concept!r} to: {why}; add some (`cul concept add`) or name one in the request"
+        )
     return catalogue_prompt_set(
         catalogue, r.concept, forgotten, seed=seed, surrogates=surrogates, extra_retain=r.retain
     )
