@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.scheduling import WholeModulesElseTests, unit
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -38,12 +40,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 WHOLE_MODULES = ("tests/test_team.py", "tests/test_pipeline_servers.py", "tests/test_pipeline_sd.py")
 
 
-def _unit(nodeid: str) -> str:
-    """What pytest-xdist hands to one worker: a whole module of WHOLE_MODULES, else one test."""
-    module = nodeid.split("::", 1)[0]
-    return module if module in WHOLE_MODULES else nodeid
-
-
 def pytest_collection_modifyitems(config, items):
     """The slowest work first (`pytest.mark.slow(seconds=...)`, measured on two cores; a whole
     module weighs as its slowest test), so the two workers end together instead of one finishing
@@ -52,24 +48,17 @@ def pytest_collection_modifyitems(config, items):
     def seconds(item) -> float:
         return max((m.kwargs.get("seconds", 1) for m in item.iter_markers("slow")), default=0)
 
+    units = {item.nodeid: unit(item.nodeid, WHOLE_MODULES) for item in items}
     weight: dict[str, float] = {}
     for item in items:
-        weight[_unit(item.nodeid)] = max(weight.get(_unit(item.nodeid), 0), seconds(item))
-    items.sort(key=lambda item: -weight[_unit(item.nodeid)])
+        weight[units[item.nodeid]] = max(weight.get(units[item.nodeid], 0), seconds(item))
+    items.sort(key=lambda item: -weight[units[item.nodeid]])
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest without xdist (`-p no:xdist`) still runs
 def pytest_xdist_make_scheduler(config, log):
-    """Single tests, and the WHOLE_MODULES whole, handed out in collection order. (xdist's own
-    `--dist loadgroup` cannot group under pytest 9, which ignores the node id it rewrites.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class WholeModulesElseTests(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _unit(nodeid)
-
-    config.option.loadscopereorder = False  # keep the slowest-first order
-    return WholeModulesElseTests(config, log)
+    """Single tests slowest first, and the WHOLE_MODULES whole (`tests/support/scheduling.py`)."""
+    return WholeModulesElseTests(config, log, WHOLE_MODULES)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -43,6 +43,17 @@ def test_a_fresh_clone_pulls_what_an_earlier_run_pushed_for_the_same_base_model(
     assert SharedCache(str(tmp_path / "shared"), base).pull(tmp_path / "run1") == ["probes-20.json"]
 
 
+def test_a_figure_recomputed_at_the_same_size_is_pushed_and_pulled(tmp_path):
+    base = _model(tmp_path / "base", 1.0)
+    cache = SharedCache(str(tmp_path / "shared"), base)
+    cache.push(_figures(tmp_path / "run1"))
+    run2 = _figures(tmp_path / "run2")
+    (run2 / "probes-20.json").write_text('{"key": "K", "hits": {}}')  # another key, the same size
+    assert cache.push(run2) == ["probes-20.json"]
+    assert cache.pull(tmp_path / "run1") == ["probes-20.json"]
+    assert (tmp_path / "run1" / "probes-20.json").read_text() == '{"key": "K", "hits": {}}'
+
+
 def test_another_base_model_has_a_folder_of_its_own(tmp_path):
     SharedCache(str(tmp_path / "shared"), _model(tmp_path / "a", 1.0)).push(_figures(tmp_path / "run"))
     other = SharedCache(str(tmp_path / "shared"), _model(tmp_path / "b", 2.0))

@@ -84,15 +84,27 @@ class SharedCache:
         files = {Path(e["name"]).name: e for e in entries if e.get("type") == "file"}
         return {n: e for n, e in files.items() if any(Path(n).match(p) for p in PATTERNS)}
 
+    def _same(self, name: str, entry: dict, path: Path) -> bool:
+        """Whether the cache's `name` holds `path`'s bytes: sizes first, then, at the same size, the
+        bytes themselves (the files are tens of kilobytes; a figure recomputed under another key
+        can keep its size)."""
+        if entry.get("size") != path.stat().st_size:
+            return False
+        try:
+            remote = self.fs.cat_file(f"{self.root}/{name}")
+        except Exception as e:
+            raise CacheError(f"cannot read {name} from the shared cache {self._where()}: {e}") from e
+        return hashlib.sha256(remote).digest() == hashlib.sha256(path.read_bytes()).digest()
+
     def pull(self, folder: str | Path) -> list[str]:
-        """Copy the cache's files that `folder` lacks, or has at another size, into it. Returns
+        """Copy the cache's files that `folder` lacks, or holds with other bytes, into it. Returns
         their names. Each lands whole (a temporary name, then a rename)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         local = self._local(folder)
         pulled = []
         for name, entry in self._remote().items():
-            if name in local and local[name].stat().st_size == entry.get("size"):
+            if name in local and self._same(name, entry, local[name]):
                 continue
             tmp = folder / f".{name}-{os.getpid()}.part"
             try:
@@ -105,13 +117,13 @@ class SharedCache:
         return pulled
 
     def push(self, folder: str | Path) -> list[str]:
-        """Copy `folder`'s cache files the cache lacks, or has at another size, into it. Returns
+        """Copy `folder`'s cache files the cache lacks, or holds with other bytes, into it. Returns
         their names. Each lands whole, so a reader never sees part of one: it is written under a
         temporary name, then moved (a rename in a folder; in a bucket an object appears whole)."""
         remote = self._remote()
         pushed = []
         for name, path in self._local(Path(folder)).items():
-            if name in remote and remote[name].get("size") == path.stat().st_size:
+            if name in remote and self._same(name, remote[name], path):
                 continue
             tmp = f"{self.root}/.{name}-{uuid.uuid4().hex[:8]}.part"
             try:
