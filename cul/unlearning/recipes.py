@@ -150,8 +150,10 @@ class Adversarial(BaseModel):
 
         delta* = argmin_{|delta_i| <= radius |c_i|}  || eps_theta(x_t, t, c + delta) - eps_0(x_t, t, c) ||^2,
 
-    and the outer step re-steers that context too. Robust to the soft-prompt and adversarial
-    attacks of `cul.probes` by construction, at the cost of `steps` extra passes per training step."""
+    and the outer step re-steers that context too, at the cost of `steps` extra passes per training
+    step. It aims at the soft-prompt and adversarial attacks of `cul.probes`; measured, it holds
+    against the prompt search but not against textual inversion, whose learned embedding lies
+    outside the ball (reports/benchmark/README.md, "Under attack")."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -6,9 +6,10 @@ which the student draws the concept again,
 
     delta* = argmin_{|delta_i| <= radius |c_i|}  || eps_theta(x_t, t, c + delta) - eps_T(x_t, t, c) ||^2,
 
-(T: a teacher that still draws the concept), and train on `c + delta*` too: the erasure must hold
-for the contexts an attacker (textual inversion, an adversarial prompt) would reach, not only for
-the prompt's own. Each training step pays `steps` extra forward and backward passes.
+(T: a teacher that still draws the concept), and train on `c + delta*` too: the erasure should hold
+for the contexts an attacker would reach near the prompt's own, not only for the prompt's. A
+learned embedding far from it (textual inversion) is outside the ball: measured here, it still
+revives the concept. Each training step pays `steps` extra forward and backward passes.
 """
 
 from __future__ import annotations
