@@ -69,3 +69,12 @@ def test_unset_is_no_cache_and_an_unwritable_one_says_where(tmp_path):
     blocked.write_text("")
     with pytest.raises(CacheError, match="cannot write eval-stride4.npz to the shared cache"):
         SharedCache(str(blocked / "cache"), base).push(_figures(tmp_path / "run"))
+
+
+def test_a_local_file_that_cannot_be_read_is_a_cache_error_not_a_crash(tmp_path):
+    cache = SharedCache(str(tmp_path / "shared"), _model(tmp_path / "base", 1.0))
+    run = _figures(tmp_path / "run")
+    (run / "eval-stride4.npz").unlink()
+    (run / "eval-stride4.npz").mkdir()  # what a glob finds but cannot read
+    with pytest.raises(CacheError, match="cannot read .*eval-stride4.npz"):
+        cache.push(run)

@@ -84,51 +84,53 @@ class SharedCache:
         files = {Path(e["name"]).name: e for e in entries if e.get("type") == "file"}
         return {n: e for n, e in files.items() if any(Path(n).match(p) for p in PATTERNS)}
 
-    def _same(self, name: str, entry: dict, path: Path) -> bool:
-        """Whether the cache's `name` holds `path`'s bytes: sizes first, then, at the same size, the
-        bytes themselves (the files are tens of kilobytes; a figure recomputed under another key
-        can keep its size)."""
-        if entry.get("size") != path.stat().st_size:
-            return False
+    def _read(self, name: str) -> bytes:
         try:
-            remote = self.fs.cat_file(f"{self.root}/{name}")
+            return self.fs.cat_file(f"{self.root}/{name}")
         except Exception as e:
             raise CacheError(f"cannot read {name} from the shared cache {self._where()}: {e}") from e
-        return hashlib.sha256(remote).digest() == hashlib.sha256(path.read_bytes()).digest()
 
     def pull(self, folder: str | Path) -> list[str]:
         """Copy the cache's files that `folder` lacks, or holds with other bytes, into it. Returns
-        their names. Each lands whole (a temporary name, then a rename)."""
+        their names. Each lands whole (a temporary name, then a rename). The files are tens of
+        kilobytes: each is read once and compared byte for byte, since a figure recomputed under
+        another key can keep its size."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        local = self._local(folder)
         pulled = []
-        for name, entry in self._remote().items():
-            if name in local and self._same(name, entry, local[name]):
-                continue
-            tmp = folder / f".{name}-{os.getpid()}.part"
+        for name in self._remote():
+            data = self._read(name)
+            target, tmp = folder / name, folder / f".{name}-{os.getpid()}.part"
             try:
-                self.fs.get_file(f"{self.root}/{name}", str(tmp))
-                os.replace(tmp, folder / name)
-            except Exception as e:
+                if target.is_file() and target.read_bytes() == data:
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            except OSError as e:
                 tmp.unlink(missing_ok=True)
-                raise CacheError(f"cannot read {name} from the shared cache {self._where()}: {e}") from e
+                raise CacheError(f"cannot write {name} into {folder}: {e}") from e
             pulled.append(name)
         return pulled
 
     def push(self, folder: str | Path) -> list[str]:
         """Copy `folder`'s cache files the cache lacks, or holds with other bytes, into it. Returns
         their names. Each lands whole, so a reader never sees part of one: it is written under a
-        temporary name, then moved (a rename in a folder; in a bucket an object appears whole)."""
+        temporary name, then moved (a rename in a folder; in a bucket an object appears whole).
+        An `.npz` saved again holds new timestamps, so the same figures saved twice are pushed
+        twice: harmless."""
         remote = self._remote()
         pushed = []
         for name, path in self._local(Path(folder)).items():
-            if name in remote and self._same(name, remote[name], path):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise CacheError(f"cannot read {path}: {e}") from e
+            if name in remote and remote[name].get("size") == len(data) and self._read(name) == data:
                 continue
             tmp = f"{self.root}/.{name}-{uuid.uuid4().hex[:8]}.part"
             try:
                 self.fs.makedirs(self.root, exist_ok=True)  # a local folder's; a no-op in a bucket
-                self.fs.put_file(str(path), tmp)
+                self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, f"{self.root}/{name}")
             except Exception as e:
                 with contextlib.suppress(Exception):  # never written, or already moved

@@ -1,4 +1,5 @@
-"""Helpers of the test suite: throwaway project copies, real servers, the browser."""
+"""Helpers of the test suite: throwaway project copies, real servers, the browser, and how
+pytest-xdist hands the tests to its workers (`scheduling.py`)."""
 
 from pathlib import Path
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import pytest
 from xdist.scheduler import LoadScopeScheduling
+from xdist.workermanage import WorkerController
 
 
 def unit(nodeid: str, whole_modules: Collection[str]) -> str:
@@ -28,7 +30,7 @@ class WholeModulesElseTests(LoadScopeScheduling):
         whole_modules: the modules that go whole to one worker (paths as in node ids).
     """
 
-    def __init__(self, config, log, whole_modules: Collection[str]) -> None:
+    def __init__(self, config: pytest.Config, log, whole_modules: Collection[str]) -> None:
         super().__init__(config, log)
         self.whole_modules = frozenset(whole_modules)
         config.option.loadscopereorder = False  # keep the collection's (slowest-first) order
@@ -36,26 +38,34 @@ class WholeModulesElseTests(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
         return unit(nodeid, self.whole_modules)
 
-    def remove_node(self, node) -> str | None:
-        """As xdist's, except when a worker crashes inside a whole module: xdist reports the test
-        that crashed, and the module's later tests are not handed to another worker, where they
-        would run without the tests they build on and fail for reasons that hide the crash."""
-        workload = self.assigned_work.get(node, {})
+    def remove_node(self, node: WorkerController) -> str | None:
+        """Forget a worker that finished or crashed; return the test it crashed in (None if none).
+
+        As xdist's, with two changes. Only the units with tests still to run are queued again
+        (xdist's also queues the finished ones, each then handed to a worker as an empty batch, and
+        the run can wait forever for a test that never comes). And when the crash is inside a whole
+        module, the module's later tests are not handed to another worker, where they would run
+        without the tests they build on and fail for reasons that hide the crash: each is reported
+        as skipped, naming the test that crashed."""
+        workload = self.assigned_work.pop(node)  # a KeyError for an unknown node, as xdist expects
         pending = [(scope, nodeid) for scope, tests in workload.items() for nodeid, done in tests.items() if not done]
-        if not pending or pending[0][0] not in self.whole_modules:
-            return super().remove_node(node)
-        scope, crashed = pending[0]
-        left = [nodeid for nodeid, done in workload[scope].items() if not done and nodeid != crashed]
-        del self.assigned_work[node]
-        del workload[scope]
-        self.workqueue.update(workload)  # the node's other work, which xdist hands out again
+        if not pending:
+            return None
+        scope, crashed = pending[0]  # a worker runs its units in the order they were sent
+        unfinished = {s: tests for s, tests in workload.items() if not all(tests.values())}
+        left = []
+        if scope in self.whole_modules:
+            left = [nodeid for nodeid, done in unfinished.pop(scope).items() if not done and nodeid != crashed]
+        self.workqueue.update(unfinished)
         for other in self.assigned_work:
             self._reschedule(other)
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and left:
-            reporter.write_line(
-                f"{scope}: the worker crashed in {crashed.split('::', 1)[-1]}; "
-                f"{len(left)} later test(s) of the module not run (they build on it)",
-                red=True,
-            )
+        for nodeid in left:
+            self._report_skipped(nodeid, f"not run: the worker crashed in {crashed}, which it builds on", node)
         return crashed
+
+    def _report_skipped(self, nodeid: str, reason: str, node: WorkerController) -> None:
+        path = nodeid.split("::", 1)[0]
+        report = pytest.TestReport(nodeid=nodeid, location=(path, None, nodeid), keywords={}, outcome="skipped",
+                                   longrepr=(path, None, f"Skipped: {reason}"), when="call")  # fmt: skip
+        report.node = node  # type: ignore[attr-defined]
+        self.config.hook.pytest_runtest_logreport(report=report)
