@@ -398,15 +398,12 @@ def _run(p: Params, params: Path, quick: bool, limit: int | None, summary: Path 
     """`cul run`'s body, with settings `p` read from the file `params`."""
     from cul.benchmark import load_sequence
     from cul.io.database import lineage_lock, open_queue
-    from cul.io.locks import LockBusy
+    from cul.io.locks import LockBusy, busy_message
     from cul.pipeline import PipelineError
 
-    if not lineage_lock(p.pipeline).is_free():
-        _fail(
-            f"a run is already processing requests of {p.pipeline.tracking.registered_model}; this one does "
-            "nothing. Wait for it to finish, or stop it, and run again.",
-            BUSY,
-        )
+    lock = lineage_lock(p.pipeline)
+    if not lock.is_free():  # who holds it: the pid, host and start its lock records
+        _fail(busy_message(p.pipeline.tracking.registered_model, lock.owner()), BUSY)
     _ensure_base(p, params, quiet)
     queue = open_queue(p.pipeline)
     if not queue.items():

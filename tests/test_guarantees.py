@@ -89,6 +89,7 @@ def test_a_second_run_is_refused_while_one_holds_the_lineage_and_a_killed_holder
         finally:
             os.chdir(cwd)
         assert result.exit_code == 3 and "already processing requests of cul-world" in result.output
+        assert f"pid {holder.pid} on" in result.output  # who holds it
         assert not (tmp_path / "queue.yaml").exists()  # the refused run did nothing
     finally:
         holder.send_signal(signal.SIGKILL)

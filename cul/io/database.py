@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from cul.catalogue import Catalogue
-from cul.io.locks import LineageLock, LockBusy
+from cul.io.locks import LineageLock, LockBusy, busy_message
 from cul.queue import QueuedRequest, QueueReads, RequestQueue, new_request
 from cul.world import CATALOGUE
 
@@ -228,12 +228,7 @@ class PgLineageLock:
             deadline = time.monotonic() + wait
             while not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar():
                 if time.monotonic() >= deadline:
-                    o = self.owner()
-                    who = f"pid {o.get('pid', '?')} on {o.get('host', '?')} since {o.get('since', '?')}" if o else "?"
-                    raise LockBusy(
-                        f"a run is already processing requests of {self.model} ({who}); this one does "
-                        "nothing. Wait for it to finish, or stop it, and run again."
-                    )
+                    raise LockBusy(busy_message(self.model, self.owner()))
                 time.sleep(self.poll)
             doc = json.dumps(
                 {

@@ -43,6 +43,16 @@ def file_lock(path: str | Path, timeout: float = 60.0, what: str = "") -> Iterat
         lock.release()
 
 
+def busy_message(model: str, owner: dict) -> str:
+    """What a run refused the lineage of `model` is told: who holds it (`owner`: pid, host and
+    since, as a lock records them; empty when unknown), and what to do."""
+    who = f" (pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('since', '?')})" if owner else ""
+    return (
+        f"a run is already processing requests of {model}{who}; this one does nothing. "
+        "Wait for it to finish, or stop it, and run again."
+    )
+
+
 class LineageLock:
     """The right to build on a registered model's lineage: held by one run at a time."""
 
@@ -77,12 +87,7 @@ class LineageLock:
         try:
             self._lock.acquire(timeout=wait)
         except Timeout as e:
-            o = self.owner()
-            who = f"pid {o.get('pid', '?')} on {o.get('host', '?')} since {o.get('since', '?')}" if o else "another run"
-            raise LockBusy(
-                f"a run is already processing requests of {self.model} ({who}); this one does "
-                "nothing. Wait for it to finish, or stop it, and run again."
-            ) from e
+            raise LockBusy(busy_message(self.model, self.owner())) from e
         try:
             self.owner_file.write_text(
                 json.dumps(
