@@ -167,18 +167,45 @@ class Adversarial(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
+class Inversion(BaseModel):
+    """Erasure against textual inversion (STEREO's search stage, Srivatsan et al., 2025): every
+    `every` training steps, textual inversion of each forgotten concept (the request's and the
+    earlier ones') against the student, from theta_0's images of it; the new word found must then
+    lead to the surrogate too (`cul/unlearning/objectives/inversion.py`). An experiment: each search
+    costs `steps` forward and backward passes per forgotten concept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: training steps between searches (the first runs before the first step).
+    every: int = Field(50, ge=1)
+    #: Adam steps of each search, per forgotten concept (each search starts from the last one's word).
+    steps: int = Field(20, ge=1)
+    #: the search's Adam learning rate (input-embedding space; the soft-prompt probe's).
+    lr: float = Field(0.02, gt=0)
+    #: theta_0's images per forgotten concept the search learns from and the term trains on.
+    images: int = Field(8, ge=1)
+    #: images per search step and per erasure term.
+    batch: int = Field(8, ge=1)
+    #: weight of the term, relative to l_unl.
+    weight: float = Field(1.0, gt=0)
+
+
+#: options absent from a recipe's dump and hash while unset, so recipes made before them keep their hashes.
+UNSET_OPTIONS = ("adversarial", "inversion")
+
+
 class AdversarialOption(BaseModel):
     """The erasers that offer adversarial erasure (DFR, CA)."""
 
-    #: adversarial erasure (None: off, and absent from the recipe's dump and hash, so recipes made
-    #: before the option keep their hashes); see `Adversarial`.
+    #: adversarial erasure (None: off); see `Adversarial`.
     adversarial: Adversarial | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset_options(self, handler):
         data = handler(self)
-        if data.get("adversarial", 0) is None:
-            del data["adversarial"]
+        for key in UNSET_OPTIONS:
+            if key in data and data[key] is None:
+                del data[key]
         return data
 
 
@@ -213,6 +240,8 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
+    #: erasure against textual inversion (None: off); see `Inversion`. Needs retain_teacher base.
+    inversion: Inversion | None = None
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
 
     def distils_from_base(self) -> bool:
@@ -231,6 +260,8 @@ class DFRRecipe(AdversarialOption, RecipeBase):
                 raise ValueError("forgotten_share only applies with retain_teacher: base (set it to null)")
             if self.forgotten_target != "previous":
                 raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
+            if self.inversion is not None:
+                raise ValueError("inversion needs retain_teacher: base (theta_0 draws the forgotten concepts)")
         return self
 
 

@@ -23,7 +23,9 @@ of many clean scenes, reusing replayed images). `adversarial` (AdvUnlearn) adds
     L_adv  = E || eps_theta(x_t, t, c_f + delta*) - sg[eps_T(x_t, t, p_m)] ||^2,
 
 delta* the inner minimiser of `adversarial_context` (`objectives/adversarial.py`): the context near
-the forget prompt's under which theta draws the concept again.
+the forget prompt's under which theta draws the concept again. `inversion` (STEREO's search,
+`objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
+concept must lead to the surrogate too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from cul.unlearning.batches import ForgetBatch, RetainBatch
 from cul.unlearning.objectives.adversarial import adversarial_context
 from cul.unlearning.objectives.common import noised
+from cul.unlearning.objectives.inversion import InversionAdversary
 
 
 def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float = 0.0):
@@ -90,6 +93,12 @@ class DFR:
         self.weights = {"unl": recipe.l_unl, "pres": recipe.l_pres, "cover": recipe.l_pres, "reg": recipe.l_reg}
         if recipe.adversarial is not None:
             self.weights["adv"] = recipe.l_unl * recipe.adversarial.weight
+        self.inversion = None
+        if recipe.inversion is not None:
+            self.weights["inv"] = recipe.l_unl * recipe.inversion.weight
+            self.inversion = InversionAdversary(
+                recipe.inversion, keep_teacher, recipe.seed, recipe.replay_steps, recipe.replay_guidance
+            )
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
         return resteer_loss(student, self.keep, batches.forget(gen), gen, self.recipe.t_max, self.recipe.push)
@@ -101,6 +110,10 @@ class DFR:
             terms["adv"] = adversarial_resteer_loss(
                 student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.adversarial
             )
+        if self.inversion is not None:
+            if not self.inversion.found:
+                self.inversion.prepare(batches.prompts)
+            terms["inv"] = self.inversion.loss(student, gen, r.t_max, r.push)
         if r.l_pres > 0 and batches.has_retain:
             parts = batches.retain(gen)
             terms["pres"] = sum(

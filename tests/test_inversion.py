@@ -1,0 +1,99 @@
+"""Erasure against textual inversion (STEREO's search stage, `cul/unlearning/objectives/inversion.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from cul.unlearning.objectives.common import noised
+from cul.unlearning.objectives.inversion import InversionAdversary, concepts, mention
+from cul.unlearning.prompts import build_prompt_set
+from cul.unlearning.recipes import DFRRecipe, Inversion, recipe_hash
+from cul.unlearning.trainer import unlearn
+
+SMALL = Inversion(every=2, steps=3, images=4, batch=2)
+
+
+def test_a_mention_is_the_run_of_words_the_mapped_caption_replaces():
+    assert mention("a red circle over dots", "a red square over dots") == ("circle", "square", ("a red ", " over dots"))
+    assert mention("Van Gogh style, a field", "Monet style, a field") == ("Van Gogh", "Monet", ("", " style, a field"))
+    assert mention("green circle, dots", "green square, dots") == ("circle", "square", ("green ", ", dots"))
+    assert mention("a red circle over dots", "a blue circle over stripes") is None  # two runs differ
+    assert mention("a red circle", "a red circle") is None
+
+
+@pytest.fixture(scope="module")
+def after_red(text_encoder):
+    """Forgetting circle after red: the forget captions and red's forgotten captions."""
+    return build_prompt_set(
+        "circle",
+        surrogates=["square", "star"],
+        forgotten_before=["red"],
+        forgotten_surrogates={"red": "blue"},
+        n_forget=6,
+        n_per_retained=1,
+        n_per_neighbour=2,
+        n_per_forgotten=4,
+        text_encoder=text_encoder,
+    )
+
+
+def test_the_search_covers_the_request_and_every_earlier_forgotten_concept(tiny_world_model, after_red):
+    adversary = InversionAdversary(SMALL, tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0)
+    adversary.prepare(after_red)
+    assert len(adversary.found) == 2 and adversary.found[0].concept == "circle"  # synonyms (disc, crimson) within
+    for m in adversary.found:
+        assert len(m.x0) == SMALL.images
+        soft = adversary.soft(m, list(range(len(m.captions))))
+        assert all(s.count(tiny_world_model.text.placeholder) == 1 for s in soft)
+        assert all(c.startswith(h) and c.endswith(t) for c, (h, t) in zip(m.captions, m.templates, strict=True))
+
+
+def test_every_forgotten_concept_is_found_with_its_synonyms(after_red):
+    found = concepts(after_red)
+    assert len(found) == 2 and len(found["circle"]) == len(after_red.forget)  # each forget caption names it once
+    (red,) = (rows for name, rows in found.items() if name != "circle")
+    assert len(red) == len(after_red.retain["forgotten"]) and {row[0] for row in red} <= {"red", "crimson", "scarlet"}
+
+
+def test_the_search_finds_a_word_under_which_the_student_denoises_the_concept_better(tiny_world_model, after_red):
+    """Textual inversion against the student lowers its denoising loss on theta_0's images of the
+    concept, measured on draws the search never saw."""
+    adversary = InversionAdversary(
+        Inversion(steps=30, images=8, batch=4), tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0
+    )
+    adversary.prepare(after_red)
+    m = next(m for m in adversary.found if m.concept == "circle")
+    student = tiny_world_model.copy()
+
+    def held_out_loss(v: torch.Tensor) -> float:
+        gen = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            losses = []
+            for _ in range(8):
+                rows = torch.randint(0, len(m.x0), (4,), generator=gen).tolist()
+                x_t, t, noise = noised(student, m.x0[rows], gen)
+                ctx = student.text.encode_soft(adversary.soft(m, rows), v)
+                losses.append(F.mse_loss(student.predict_noise(x_t, t, ctx), noise).item())
+        return sum(losses) / len(losses)
+
+    start = m.v.clone()
+    adversary.search(student, torch.Generator().manual_seed(0))
+    assert not torch.equal(m.v, start)
+    assert held_out_loss(m.v) < held_out_loss(start)
+    assert all(p.grad is None for p in student.unet.parameters())  # the search moves only v
+
+
+def test_dfr_with_inversion_trains_its_term_and_production_is_unchanged(tiny_world_model, after_red):
+    recipe = DFRRecipe(steps=3, forget_batch=4, retain_batch=4, replay_steps=2, replay_guidance=1.0, inversion=SMALL)
+    result = unlearn(tiny_world_model, after_red, recipe, base=tiny_world_model)
+    assert all("inv" in row and row["inv"] > 0 for row in result.history)
+    assert "inversion" not in DFRRecipe().model_dump()  # unset: out of the dump and the hash
+    assert recipe_hash(recipe) != recipe_hash(recipe.model_copy(update={"inversion": None}))
+
+
+def test_inversion_needs_the_base_model_as_teacher():
+    with pytest.raises(ValidationError, match="inversion needs retain_teacher: base"):
+        DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous", inversion=SMALL)
