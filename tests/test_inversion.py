@@ -20,6 +20,7 @@ def test_a_mention_is_the_run_of_words_the_mapped_caption_replaces():
     assert mention("a red circle over dots", "a red square over dots") == ("circle", "square", ("a red ", " over dots"))
     assert mention("Van Gogh style, a field", "Monet style, a field") == ("Van Gogh", "Monet", ("", " style, a field"))
     assert mention("green circle, dots", "green square, dots") == ("circle", "square", ("green ", ", dots"))
+    assert mention("Van Gogh style, a field", " style, a field") == ("Van Gogh", "", ("", " style, a field"))
     assert mention("a red circle over dots", "a blue circle over stripes") is None  # two runs differ
     assert mention("a red circle", "a red circle") is None
 
@@ -43,7 +44,7 @@ def after_red(text_encoder):
 def test_the_search_covers_the_request_and_every_earlier_forgotten_concept(tiny_world_model, after_red):
     adversary = InversionAdversary(SMALL, tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0)
     adversary.prepare(after_red)
-    assert len(adversary.found) == 2 and adversary.found[0].concept == "circle"  # synonyms (disc, crimson) within
+    assert adversary.found[0].concept == "circle" and {m.concept for m in adversary.found[1:]} <= {"red", "crimson"}
     for m in adversary.found:
         assert len(m.x0) == SMALL.images
         soft = adversary.soft(m, list(range(len(m.captions))))
@@ -51,11 +52,35 @@ def test_the_search_covers_the_request_and_every_earlier_forgotten_concept(tiny_
         assert all(c.startswith(h) and c.endswith(t) for c, (h, t) in zip(m.captions, m.templates, strict=True))
 
 
-def test_every_forgotten_concept_is_found_with_its_synonyms(after_red):
+def test_the_requests_concept_is_one_word_and_each_earlier_mention_one_more(after_red):
     found = concepts(after_red)
-    assert len(found) == 2 and len(found["circle"]) == len(after_red.forget)  # each forget caption names it once
-    (red,) = (rows for name, rows in found.items() if name != "circle")
-    assert len(red) == len(after_red.retain["forgotten"]) and {row[0] for row in red} <= {"red", "crimson", "scarlet"}
+    assert len(found["circle"]) == len(after_red.forget)  # one word for the request's concept, synonyms and all
+    assert {row[0] for row in found["circle"]} == {"circle", "disc"}
+    earlier = {name: rows for name, rows in found.items() if name != "circle"}
+    assert set(earlier) <= {"red", "crimson"} and sum(map(len, earlier.values())) == len(after_red.retain["forgotten"])
+
+
+def test_two_earlier_concepts_with_one_surrogate_are_both_searched(text_encoder):
+    ps = build_prompt_set(
+        "circle",
+        surrogates=["square"],
+        forgotten_before=["red", "pink"],
+        forgotten_surrogates={"red": "blue", "pink": "blue"},
+        n_forget=4,
+        n_per_retained=1,
+        n_per_neighbour=1,
+        n_per_forgotten=4,
+        text_encoder=text_encoder,
+    )
+    found = {row[0] for name, rows in concepts(ps).items() if name != "circle" for row in rows}
+    assert found & {"red", "crimson"} and found & {"pink"}
+
+
+def test_a_prompt_set_without_the_forgotten_captions_mapped_twins_is_refused(after_red):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="forgotten_target: mapped"):
+        concepts(replace(after_red, forgotten_mapped=[]))
 
 
 def test_the_search_finds_a_word_under_which_the_student_denoises_the_concept_better(tiny_world_model, after_red):
@@ -79,11 +104,11 @@ def test_the_search_finds_a_word_under_which_the_student_denoises_the_concept_be
                 losses.append(F.mse_loss(student.predict_noise(x_t, t, ctx), noise).item())
         return sum(losses) / len(losses)
 
-    start = m.v.clone()
+    start, weights = m.v.clone(), [p.detach().clone() for p in student.unet.parameters()]
     adversary.search(student, torch.Generator().manual_seed(0))
     assert not torch.equal(m.v, start)
     assert held_out_loss(m.v) < held_out_loss(start)
-    assert all(p.grad is None for p in student.unet.parameters())  # the search moves only v
+    assert all(torch.equal(w, p) for w, p in zip(weights, student.unet.parameters(), strict=True))  # only v moves
 
 
 def test_dfr_with_inversion_trains_its_term_and_production_is_unchanged(tiny_world_model, after_red):
@@ -97,3 +122,5 @@ def test_dfr_with_inversion_trains_its_term_and_production_is_unchanged(tiny_wor
 def test_inversion_needs_the_base_model_as_teacher():
     with pytest.raises(ValidationError, match="inversion needs retain_teacher: base"):
         DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous", inversion=SMALL)
+    with pytest.raises(ValidationError, match="forgotten_target: mapped"):
+        DFRRecipe(forgotten_target="previous", inversion=SMALL)

@@ -260,8 +260,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
                 raise ValueError("forgotten_share only applies with retain_teacher: base (set it to null)")
             if self.forgotten_target != "previous":
                 raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
-            if self.inversion is not None:
-                raise ValueError("inversion needs retain_teacher: base (theta_0 draws the forgotten concepts)")
+        if self.inversion is not None and (self.retain_teacher != "base" or self.forgotten_target != "mapped"):
+            raise ValueError(
+                "inversion needs retain_teacher: base and forgotten_target: mapped (theta_0 draws the "
+                "forgotten concepts, and their mapped captions give the targets)"
+            )
         return self
 
 

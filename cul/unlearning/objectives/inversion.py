@@ -17,8 +17,10 @@ new token of input embedding v), and the erasure asks the caption with v* for th
 
 Over a sequence the earlier forgotten concepts are the ones that come back, so every forgotten
 concept is searched, the request's and the earlier ones (from the prompt set's `forgotten` captions
-and their `forgotten_mapped` twins), every `every` training steps, each search warm-started from the
-last v*: one new word per concept, whichever synonym the caption used, as textual inversion learns.
+and their `forgotten_mapped` twins; one word per mention of an earlier concept, see `concepts`),
+every `every` training steps, each search warm-started from the last v*. The search starts from the
+mention's own embedding, the attack of `cul.probes` from a generic word ("shape"): the two need not
+find the same word.
 STEREO's second stage (erasing once from theta_0 with anchor concepts) is not taken: DFR's own terms
 keep what is retained.
 """
@@ -40,17 +42,18 @@ WORD = re.compile(r"\w+(?:['-]\w+)*|\S")  # words, and each punctuation mark on 
 
 
 def mention(caption: str, mapped: str) -> tuple[str, str, tuple[str, str]] | None:
-    """(the words of `caption` that `mapped` replaces, the words that replace them, the caption's
-    text before and after them); None when the two differ in anything but one run of words.
+    """(the words of `caption` that `mapped` replaces or drops, the words that replace them, the
+    caption's text before and after them); None when the two differ in anything but one run of words.
     Punctuation is a word of its own: "circle," against "square," is the mention "circle"."""
     a, b = list(WORD.finditer(caption)), list(WORD.finditer(mapped))
     ops = SequenceMatcher(a=[m[0] for m in a], b=[m[0] for m in b], autojunk=False).get_opcodes()
     changes = [op for op in ops if op[0] != "equal"]
-    if len(changes) != 1 or changes[0][0] != "replace":
+    if len(changes) != 1 or changes[0][0] not in ("replace", "delete"):
         return None
     _, i, j, k, n = changes[0]
     start, end = a[i].start(), a[j - 1].end()
-    return caption[start:end], mapped[b[k].start() : b[n - 1].end()], (caption[:start], caption[end:])
+    swap = mapped[b[k].start() : b[n - 1].end()] if n > k else ""  # "": a concept mapped to nothing
+    return caption[start:end], swap, (caption[:start], caption[end:])
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Forgotten:
     """One forgotten concept as the search sees it: captions that name it, their mapped twins,
     theta_0's images of them, and the new word's embedding the last search found."""
 
-    concept: str  # the request's concept, or an earlier one's most frequent mention
+    concept: str  # the request's concept, or a mention of an earlier one
     templates: list[tuple[str, str]]  # each caption's text before and after the concept's mention
     captions: list[str]
     mapped: list[str]
@@ -67,24 +70,27 @@ class Forgotten:
 
 
 def concepts(prompts) -> dict[str, list[tuple[str, tuple[str, str], str, str]]]:
-    """The prompt set's forgotten concepts, each with its (mention, template, caption, mapped)
-    rows: the request's (every forget caption, synonyms included) and each earlier one's (its
-    `forgotten` captions, told apart by the surrogate their `forgotten_mapped` twins name; two
-    earlier concepts mapped to one surrogate count as one)."""
+    """The words to invert, each with its (mention, template, caption, mapped) rows: the request's
+    concept (every forget caption, whichever synonym it uses: one word) and each mention of an
+    earlier concept in the `forgotten` captions and their `forgotten_mapped` twins. The prompt set
+    does not say which concept a forgotten caption names, and two earlier concepts can share a
+    surrogate, so each mention of an earlier concept (a name, a synonym) gets a word of its own.
+    A caption that does not differ from its twin in one run of words is an error."""
+    forgotten = prompts.retain.get("forgotten", [])
+    if len(prompts.forgotten_mapped) != len(forgotten):
+        raise ValueError("inversion needs the forgotten captions' mapped twins (forgotten_target: mapped)")
     groups: dict[str, list[tuple[str, tuple[str, str], str, str]]] = defaultdict(list)
     pairs = [(prompts.concept, c, m) for c, m in zip(prompts.forget, prompts.mapped, strict=True)]
-    pairs += [(None, c, m) for c, m in zip(prompts.retain.get("forgotten", []), prompts.forgotten_mapped, strict=False)]
+    pairs += [(None, c, m) for c, m in zip(forgotten, prompts.forgotten_mapped, strict=True)]
     for name, caption, mapped in pairs:
         found = mention(caption, mapped)
-        if found is not None:
-            word, swap, template = found
-            groups[name or f"->{swap}"].append((word, template, caption, mapped))
-    named = {}
-    for key, rows in groups.items():
-        words = [r[0] for r in rows]
-        common = max(words, key=lambda w: (words.count(w), -words.index(w)))  # ties: the first seen
-        named[key if not key.startswith("->") else common] = rows
-    return named
+        if found is None:
+            raise ValueError(
+                f"inversion: {caption!r} and its mapped caption {mapped!r} differ in more than one run of words"
+            )
+        word, _, template = found
+        groups[name or word].append((word, template, caption, mapped))
+    return dict(groups)
 
 
 class InversionAdversary:
@@ -93,7 +99,7 @@ class InversionAdversary:
     Args:
         spec: `cul.unlearning.recipes.Inversion`.
         base: theta_0 (DFR's keep teacher): it draws the forgotten concepts and gives the targets.
-        seed: the step's seed (the images and the searches are seeded from it).
+        seed: the recipe's seed (theta_0's images are drawn from it).
         replay_steps, replay_guidance: how theta_0 samples the images (the recipe's replay settings).
     """
 
@@ -105,7 +111,7 @@ class InversionAdversary:
 
     def prepare(self, prompts) -> None:
         """The request's concept and every earlier forgotten one, with theta_0's images of each
-        (`spec.images` of its captions, cycled)."""
+        (its first `spec.images` captions, repeated when it has fewer)."""
         text = self.base.text
         table = text.word_embeddings().detach()
         for k, (name, rows) in enumerate(sorted(concepts(prompts).items())):
@@ -139,13 +145,15 @@ class InversionAdversary:
                 rows = torch.randint(0, len(m.x0), (self.spec.batch,), generator=gen).tolist()
                 x_t, t, noise = noised(student, m.x0[rows], gen)
                 eps = student.predict_noise(x_t, t, text.encode_soft(self.soft(m, rows), v).to(x_t.device))
-                (v.grad,) = torch.autograd.grad(F.mse_loss(eps.float(), noise), v)
+                # a sum: Adam ignores the scale, and a mean's gradient underflows in half precision
+                (v.grad,) = torch.autograd.grad(F.mse_loss(eps.float(), noise, reduction="sum"), v)
                 opt.step()
             m.v = v.detach()
 
     def loss(self, student, gen: torch.Generator, t_max: int, push: float) -> torch.Tensor:
-        """L_inv on one batch of one forgotten concept (drawn at random): the caption with v* must lead where
-        the mapped caption leads theta_0. Searches first when `spec.every` steps have passed."""
+        """L_inv on one batch of one forgotten concept (drawn at random), at timesteps below `t_max`
+        as L_unl: the caption with v* must lead where the mapped caption leads theta_0. Searches
+        first when `spec.every` steps have passed."""
         if self.calls % self.spec.every == 0:
             self.search(student, gen)
         self.calls += 1
