@@ -37,6 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cul-bench-") as tmp:
         clone = Path(tmp) / "cul"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         cmd = [sys.executable, "-m", "cul.cli", "run", "--quiet", "--summary", str(Path(tmp) / "summary.json")]
         if args.profile == "quick":
             cmd.append("--quick")
@@ -55,6 +56,7 @@ def main() -> None:
     per_request = sum(s["seconds_total"] for s in steps) - compute
     report = {
         "profile": args.profile,
+        "git_commit": commit,
         "requests": len(summary["steps"]),
         "accepted": sum(bool(s.get("accepted")) for s in summary["steps"]),
         "seconds_command": round(wall, 1),
