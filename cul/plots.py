@@ -199,6 +199,14 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     return _save(fig, path)
 
 
+def run_labels(records: dict[str, dict]) -> dict[str, str]:
+    """Legend labels of `robustness_bars`: each run's mean bar, naming how many requests it ran
+    when the runs differ in length (a run stopped early is not compared as if it had gone on)."""
+    lengths = {record.get("steps") for record in records.values()}
+    after = (lambda r: f", after {r.get('steps')}") if len(lengths) > 1 else (lambda r: "")
+    return {label: f"{label} (mean{after(record)})" for label, record in records.items()}
+
+
 def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 0.05, title: str = "") -> Path:
     """Recovery under each probe family (`cul.probes.FAMILIES`), one bar group per family and one
     bar per run: the bar is the mean over the family's probes of every forgotten concept (those the
@@ -214,6 +222,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
     width = 0.8 / max(1, len(records))
     colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
     fig, ax = plt.subplots(figsize=(2.0 * len(FAMILIES) + 1.5, 3.8))
+    names = run_labels(records)
     for i, (label, record) in enumerate(records.items()):
         xs, means, worsts = [], [], []
         for j, fam in enumerate(FAMILIES):
@@ -223,7 +232,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
                 means.append(100 * s["mean"])
                 worsts.append(100 * s["worst"])
         colour = colours[i % len(colours)]
-        ax.bar(xs, means, width * 0.9, color=colour, label=f"{label} (mean)")
+        ax.bar(xs, means, width * 0.9, color=colour, label=names[label])
         ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst probe")
     ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"target {100 * target:.0f}%")

@@ -193,6 +193,17 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert (tmp_path / "metrics.png").stat().st_size > 0
 
 
+def test_the_robustness_legend_names_the_length_of_runs_that_differ_in_it():
+    from cul.plots import run_labels
+
+    ten, eight = {"steps": 10, "summary": {}}, {"steps": 8, "summary": {}}
+    assert run_labels({"dfr": ten, "ca": ten}) == {"dfr": "dfr (mean)", "ca": "ca (mean)"}
+    assert run_labels({"dfr": ten, "dfr_stereo": eight}) == {
+        "dfr": "dfr (mean, after 10)",
+        "dfr_stereo": "dfr_stereo (mean, after 8)",
+    }
+
+
 def test_at_equal_steps_leaves_out_the_requests_no_run_judged():
     from cul.reports import side_by_side
 
