@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cul.io.provenance import code_revision
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cul-bench-") as tmp:
         clone = Path(tmp) / "cul"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+        commit, _ = code_revision(clone)  # a fresh clone: never dirty
         cmd = [sys.executable, "-m", "cul.cli", "run", "--quiet", "--summary", str(Path(tmp) / "summary.json")]
         if args.profile == "quick":
             cmd.append("--quick")
