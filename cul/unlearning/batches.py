@@ -64,13 +64,9 @@ def replay_sources(
     replays them. `keep_teacher`: the model whose samples stand for what is kept (theta_0 under
     `retain_teacher: base`; the teacher otherwise)."""
     keep_teacher = keep_teacher or teacher
-    images = recipe.forget_images
-    wanted = {
-        images: (
-            prompts.forget if images == "forget" else prompts.mapped,
-            teacher if images == "forget" else keep_teacher,
-        )
-    }
+    forget_sources = recipe.forget_sources()
+    by_source = {"forget": (prompts.forget, teacher), "mapped": (prompts.mapped, keep_teacher)}
+    wanted = {forget_sources[0]: by_source[forget_sources[0]]}
     if recipe.replays_retained() and prompts.retain_prompts():
         if recipe.distils_from_base():
             kept, forgotten = split_retain(prompts)
@@ -78,6 +74,8 @@ def replay_sources(
             wanted["retain_base"] = (kept, keep_teacher)
         else:
             wanted["retain"] = (prompts.retain_prompts(), teacher)
+    for name in forget_sources[1:]:  # after the retain sources, whose seeds stay as they were
+        wanted[name] = by_source[name]
     sources: dict[str, Source] = {}
     for i, (name, (plist, model)) in enumerate(wanted.items()):
         if not plist:

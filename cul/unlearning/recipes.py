@@ -114,6 +114,10 @@ class RecipeBase(BaseModel):
     #: which teacher samples the forget term noises: of the forget prompts or of the mapped prompts.
     forget_images: ClassVar[str] = "forget"
 
+    def forget_sources(self) -> tuple[str, ...]:
+        """The teacher samples the forget term noises, by source ("forget", "mapped")."""
+        return (self.forget_images,)
+
     def needs_base(self) -> bool:
         """Whether a step needs the base model theta_0 beside its teacher."""
         return self.addons.reg_reference == "base" or self.distils_from_base()
@@ -191,7 +195,7 @@ class Inversion(BaseModel):
 
 
 #: options absent from a recipe's dump and hash while unset, so recipes made before them keep their hashes.
-UNSET_OPTIONS = ("adversarial", "inversion")
+UNSET_OPTIONS = ("adversarial", "inversion", "resteer_images")
 
 
 class AdversarialOption(BaseModel):
@@ -242,7 +246,16 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     forgotten_target: Literal["previous", "mapped"] = "mapped"
     #: erasure against textual inversion (None: off); see `Inversion`. Needs retain_teacher base.
     inversion: Inversion | None = None
+    #: the images the re-steering term noises. None: DFR's, the teacher's samples of the forget
+    #: prompts (the concept's own trajectories); "mapped": theta_0's samples of the mapped prompts
+    #: (the surrogate's images, as Concept Ablation trains on); "both": each forget batch on both.
+    #: On the concept's own images the surrogate's prediction can only steer what noise still
+    #: hides, which is little for a texture as weak as a flat background.
+    resteer_images: Literal["mapped", "both"] | None = None
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
+
+    def forget_sources(self) -> tuple[str, ...]:
+        return {None: ("forget",), "mapped": ("mapped",), "both": ("forget", "mapped")}[self.resteer_images]
 
     def distils_from_base(self) -> bool:
         return self.retain_teacher == "base"

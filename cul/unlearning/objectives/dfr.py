@@ -25,7 +25,8 @@ of many clean scenes, reusing replayed images). `adversarial` (AdvUnlearn) adds
 delta* the inner minimiser of `adversarial_context` (`objectives/adversarial.py`): the context near
 the forget prompt's under which theta draws the concept again. `inversion` (STEREO's search,
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
-concept must lead to the surrogate too.
+concept must lead to the surrogate too. `resteer_images` noises the surrogate's images in L_unl
+instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)).
 """
 
 from __future__ import annotations
@@ -39,26 +40,34 @@ from cul.unlearning.objectives.common import noised
 from cul.unlearning.objectives.inversion import InversionAdversary
 
 
+def resteer_images(b: ForgetBatch) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The images L_unl noises with their forget and mapped prompts: the forget prompts' samples
+    (DFR), the mapped prompts' (`resteer_images: mapped`), or both, one after the other."""
+    images = [x for x in (b.x0_forget, b.x0_mapped) if x is not None]
+    assert images, "a forget batch without teacher samples"
+    return torch.cat(images), b.forget * len(images), b.mapped * len(images)
+
+
 def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float = 0.0):
-    """L_unl on one forget batch (teacher samples of its forget prompts)."""
-    assert b.x0_forget is not None
-    x_t, t, _ = noised(teacher, b.x0_forget, gen, t_max)
+    """L_unl on one forget batch (teacher samples of its forget prompts, or of its mapped ones)."""
+    x0, forget, mapped = resteer_images(b)
+    x_t, t, _ = noised(teacher, x0, gen, t_max)
     with torch.no_grad():
-        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
         if push:
-            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
-    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(b.forget)), target)
+            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget)))
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(forget)), target)
 
 
 def adversarial_resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float, adv):
     """L_unl on the adversarial contexts of one forget batch: they too must lead to the surrogate."""
-    assert b.x0_forget is not None
-    x_t, t, _ = noised(teacher, b.x0_forget, gen, t_max)
-    context = adversarial_context(student, teacher, x_t, t, student.encode_prompts(b.forget), adv)
+    x0, forget, mapped = resteer_images(b)
+    x_t, t, _ = noised(teacher, x0, gen, t_max)
+    context = adversarial_context(student, teacher, x_t, t, student.encode_prompts(forget), adv)
     with torch.no_grad():
-        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(b.mapped))
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
         if push:
-            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(b.forget)))
+            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget)))
     return F.mse_loss(student.predict_noise(x_t, t, context), target)
 
 

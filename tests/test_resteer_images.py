@@ -1,0 +1,61 @@
+"""DFR's re-steering on the surrogate's images (`resteer_images`, `cul/unlearning/objectives/dfr.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cul.unlearning.batches import Batches, replay_sources
+from cul.unlearning.objectives.dfr import resteer_images
+from cul.unlearning.prompts import build_prompt_set
+from cul.unlearning.recipes import DFRRecipe, recipe_hash
+from cul.unlearning.trainer import unlearn
+
+SMALL = {"steps": 3, "forget_batch": 4, "retain_batch": 4, "replay_steps": 2, "replay_guidance": 1.0}
+
+
+@pytest.fixture(scope="module")
+def after_red(text_encoder):
+    return build_prompt_set(
+        "circle",
+        surrogates=["square", "star"],
+        forgotten_before=["red"],
+        forgotten_surrogates={"red": "blue"},
+        n_forget=6,
+        n_per_retained=1,
+        n_per_neighbour=1,
+        n_per_forgotten=2,
+        text_encoder=text_encoder,
+    )
+
+
+def test_both_draws_the_surrogates_images_beside_the_concepts_and_keeps_the_other_samples(tiny_world_model, after_red):
+    dfr = replay_sources(tiny_world_model, after_red, DFRRecipe(**SMALL), keep_teacher=tiny_world_model)
+    both_recipe = DFRRecipe(**SMALL, resteer_images="both")
+    both = replay_sources(tiny_world_model, after_red, both_recipe, keep_teacher=tiny_world_model)
+    assert set(dfr) == {"forget", "retain", "retain_base"} and set(both) == set(dfr) | {"mapped"}
+    assert both["mapped"].prompts == after_red.mapped
+    for name in dfr:  # the same seeds: the production recipe's samples are untouched
+        assert torch.equal(dfr[name].x0, both[name].x0)
+
+    batch = Batches(after_red, both, both_recipe).forget(torch.Generator().manual_seed(0))
+    x0, forget, mapped = resteer_images(batch)
+    assert len(x0) == 2 * len(batch.forget) and forget == batch.forget * 2 and mapped == batch.mapped * 2
+    assert torch.equal(x0[len(batch.forget) :], batch.x0_mapped)  # the surrogate's images, prompted as the concept
+
+
+def test_mapped_alone_noises_only_the_surrogates_images(tiny_world_model, after_red):
+    recipe = DFRRecipe(**SMALL, resteer_images="mapped")
+    sources = replay_sources(tiny_world_model, after_red, recipe, keep_teacher=tiny_world_model)
+    assert "forget" not in sources and "mapped" in sources
+    batch = Batches(after_red, sources, recipe).forget(torch.Generator().manual_seed(0))
+    x0, forget, _ = resteer_images(batch)
+    assert batch.x0_forget is None and torch.equal(x0, batch.x0_mapped) and forget == batch.forget
+
+
+def test_a_step_trains_with_it_and_the_production_recipe_keeps_its_hash(tiny_world_model, after_red):
+    recipe = DFRRecipe(**SMALL, resteer_images="both")
+    result = unlearn(tiny_world_model, after_red, recipe, base=tiny_world_model)
+    assert all(row["unl"] > 0 for row in result.history)
+    assert "resteer_images" not in DFRRecipe().model_dump()  # unset: out of the dump and the hash
+    assert recipe_hash(recipe) != recipe_hash(recipe.model_copy(update={"resteer_images": None}))
