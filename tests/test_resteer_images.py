@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cul.unlearning.batches import Batches, replay_sources
-from cul.unlearning.objectives.dfr import resteer_images
+from cul.unlearning.objectives.common import noised
+from cul.unlearning.objectives.dfr import pushed_target, resteer_images
 from cul.unlearning.prompts import build_prompt_set
 from cul.unlearning.recipes import DFRRecipe, recipe_hash
 from cul.unlearning.trainer import unlearn
@@ -39,7 +40,7 @@ def test_both_draws_the_surrogates_images_beside_the_concepts_and_keeps_the_othe
         assert torch.equal(dfr[name].x0, both[name].x0)
 
     batch = Batches(after_red, both, both_recipe).forget(torch.Generator().manual_seed(0))
-    x0, forget, mapped = resteer_images(batch)
+    x0, forget, mapped, _ = resteer_images(batch)
     assert len(x0) == 2 * len(batch.forget) and forget == batch.forget * 2 and mapped == batch.mapped * 2
     assert torch.equal(x0[len(batch.forget) :], batch.x0_mapped)  # the surrogate's images, prompted as the concept
 
@@ -49,7 +50,7 @@ def test_mapped_alone_noises_only_the_surrogates_images(tiny_world_model, after_
     sources = replay_sources(tiny_world_model, after_red, recipe, keep_teacher=tiny_world_model)
     assert "forget" not in sources and "mapped" in sources
     batch = Batches(after_red, sources, recipe).forget(torch.Generator().manual_seed(0))
-    x0, forget, _ = resteer_images(batch)
+    x0, forget, _, _ = resteer_images(batch)
     assert batch.x0_forget is None and torch.equal(x0, batch.x0_mapped) and forget == batch.forget
 
 
@@ -59,3 +60,20 @@ def test_a_step_trains_with_it_and_the_production_recipe_keeps_its_hash(tiny_wor
     assert all(row["unl"] > 0 for row in result.history)
     assert "resteer_images" not in DFRRecipe().model_dump()  # unset: out of the dump and the hash
     assert recipe_hash(recipe) != recipe_hash(recipe.model_copy(update={"resteer_images": None}))
+
+
+def test_surrogate_push_0_targets_what_theta_0_predicts_for_the_mapped_prompt_on_its_images(
+    tiny_world_model, after_red
+):
+    recipe = DFRRecipe(**SMALL, resteer_images="both", surrogate_push=0.0)
+    sources = replay_sources(tiny_world_model, after_red, recipe, keep_teacher=tiny_world_model)
+    batch = Batches(after_red, sources, recipe).forget(torch.Generator().manual_seed(0))
+    x0, forget, mapped, pushes = resteer_images(batch, push=1.0, surrogate_push=0.0)
+    n = len(batch.forget)
+    assert isinstance(pushes, torch.Tensor) and pushes.flatten().tolist() == [1.0] * n + [0.0] * n
+    x_t, t, _ = noised(tiny_world_model, x0, torch.Generator().manual_seed(1))
+    target = pushed_target(tiny_world_model, x_t, t, forget, mapped, pushes)
+    pushed = pushed_target(tiny_world_model, x_t, t, forget, mapped, 1.0)
+    plain = pushed_target(tiny_world_model, x_t, t, forget, mapped, 0.0)
+    assert torch.allclose(target[:n], pushed[:n]) and torch.allclose(target[n:], plain[n:])
+    assert not torch.allclose(pushed[n:], plain[n:])  # the push does move the surrogate's half

@@ -195,7 +195,7 @@ class Inversion(BaseModel):
 
 
 #: options absent from a recipe's dump and hash while unset, so recipes made before them keep their hashes.
-UNSET_OPTIONS = ("adversarial", "inversion", "resteer_images")
+UNSET_OPTIONS = ("adversarial", "inversion", "resteer_images", "surrogate_push")
 
 
 class AdversarialOption(BaseModel):
@@ -252,6 +252,9 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     #: On the concept's own images the surrogate's prediction can only steer what noise still
     #: hides, which is little for a texture as weak as a flat background.
     resteer_images: Literal["mapped", "both"] | None = None
+    #: the push on the surrogate's images under `resteer_images` (None: `push`; 0: the target is
+    #: what theta_0 predicts for the mapped prompt, Concept Ablation's).
+    surrogate_push: float | None = Field(None, ge=0)
     addons: AddOns = AddOns(l2sp=2500.0, reg_reference="base", tail_average=0.5)
 
     def forget_sources(self) -> tuple[str, ...]:

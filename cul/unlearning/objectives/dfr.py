@@ -26,7 +26,8 @@ delta* the inner minimiser of `adversarial_context` (`objectives/adversarial.py`
 the forget prompt's under which theta draws the concept again. `inversion` (STEREO's search,
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
 concept must lead to the surrogate too. `resteer_images` noises the surrogate's images in L_unl
-instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)).
+instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)), pushed by
+`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)).
 """
 
 from __future__ import annotations
@@ -40,34 +41,59 @@ from cul.unlearning.objectives.common import noised
 from cul.unlearning.objectives.inversion import InversionAdversary
 
 
-def resteer_images(b: ForgetBatch) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The images L_unl noises with their forget and mapped prompts: the forget prompts' samples
-    (DFR), the mapped prompts' (`resteer_images: mapped`), or both, one after the other."""
-    images = [x for x in (b.x0_forget, b.x0_mapped) if x is not None]
-    assert images, "a forget batch without teacher samples"
-    return torch.cat(images), b.forget * len(images), b.mapped * len(images)
+def resteer_images(
+    b: ForgetBatch, push: float = 0.0, surrogate_push: float | None = None
+) -> tuple[torch.Tensor, list[str], list[str], float | torch.Tensor]:
+    """The images L_unl noises, their forget and mapped prompts, and the push on each: the forget
+    prompts' samples (DFR), the mapped prompts' (`resteer_images: mapped`), or both, one after the
+    other. `surrogate_push` (None: `push`) is the push on the mapped prompts' samples."""
+    parts = [
+        (x, p)
+        for x, p in ((b.x0_forget, push), (b.x0_mapped, push if surrogate_push is None else surrogate_push))
+        if x is not None
+    ]
+    assert parts, "a forget batch without teacher samples"
+    x0 = torch.cat([x for x, _ in parts])
+    pushes: float | torch.Tensor = parts[0][1]
+    if len({p for _, p in parts}) > 1:
+        pushes = torch.cat([torch.full((len(x), 1, 1, 1), p, dtype=x.dtype) for x, p in parts])
+    return x0, b.forget * len(parts), b.mapped * len(parts), pushes
 
 
-def resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float = 0.0):
-    """L_unl on one forget batch (teacher samples of its forget prompts, or of its mapped ones)."""
-    x0, forget, mapped = resteer_images(b)
-    x_t, t, _ = noised(teacher, x0, gen, t_max)
+def pushed_target(teacher, x_t, t, forget: list[str], mapped: list[str], push: float | torch.Tensor) -> torch.Tensor:
+    """The re-steering target eps_T(x_t, p_m) + push (eps_T(x_t, p_m) - eps_T(x_t, p_f)), no gradient."""
     with torch.no_grad():
         target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
-        if push:
-            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget)))
+        if isinstance(push, torch.Tensor) or push:
+            away = target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget))
+            target = target + (push.to(away) if isinstance(push, torch.Tensor) else push) * away
+    return target
+
+
+def resteer_loss(
+    student,
+    teacher,
+    b: ForgetBatch,
+    gen: torch.Generator,
+    t_max: int,
+    push: float = 0.0,
+    surrogate_push: float | None = None,
+):
+    """L_unl on one forget batch (teacher samples of its forget prompts, or of its mapped ones)."""
+    x0, forget, mapped, pushes = resteer_images(b, push, surrogate_push)
+    x_t, t, _ = noised(teacher, x0, gen, t_max)
+    target = pushed_target(teacher, x_t, t, forget, mapped, pushes)
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(forget)), target)
 
 
-def adversarial_resteer_loss(student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float, adv):
+def adversarial_resteer_loss(
+    student, teacher, b: ForgetBatch, gen: torch.Generator, t_max: int, push: float, adv, surrogate_push=None
+):
     """L_unl on the adversarial contexts of one forget batch: they too must lead to the surrogate."""
-    x0, forget, mapped = resteer_images(b)
+    x0, forget, mapped, pushes = resteer_images(b, push, surrogate_push)
     x_t, t, _ = noised(teacher, x0, gen, t_max)
     context = adversarial_context(student, teacher, x_t, t, student.encode_prompts(forget), adv)
-    with torch.no_grad():
-        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
-        if push:
-            target = target + push * (target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget)))
+    target = pushed_target(teacher, x_t, t, forget, mapped, pushes)
     return F.mse_loss(student.predict_noise(x_t, t, context), target)
 
 
@@ -110,14 +136,15 @@ class DFR:
             )
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
-        return resteer_loss(student, self.keep, batches.forget(gen), gen, self.recipe.t_max, self.recipe.push)
+        r = self.recipe
+        return resteer_loss(student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.surrogate_push)
 
     def losses(self, student, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
         r = self.recipe
         terms = {"unl": self.forget_term(student, batches, gen)}
         if r.adversarial is not None:
             terms["adv"] = adversarial_resteer_loss(
-                student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.adversarial
+                student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.adversarial, r.surrogate_push
             )
         if self.inversion is not None:
             if not self.inversion.found:
