@@ -108,6 +108,25 @@ def tiny_world_model(tiny_world_config, text_encoder):
 
 
 @pytest.fixture(scope="session")
+def after_red(text_encoder):
+    """Forgetting circle after red (red's surrogate: blue): the forget captions and red's forgotten
+    captions, with their mapped twins."""
+    from cul.unlearning.prompts import build_prompt_set
+
+    return build_prompt_set(
+        "circle",
+        surrogates=["square", "star"],
+        forgotten_before=["red"],
+        forgotten_surrogates={"red": "blue"},
+        n_forget=6,
+        n_per_retained=1,
+        n_per_neighbour=2,
+        n_per_forgotten=4,
+        text_encoder=text_encoder,
+    )
+
+
+@pytest.fixture(scope="session")
 def base_model():
     from cul.models import load_model
 

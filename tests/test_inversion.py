@@ -25,22 +25,6 @@ def test_a_mention_is_the_run_of_words_the_mapped_caption_replaces():
     assert mention("a red circle", "a red circle") is None
 
 
-@pytest.fixture(scope="module")
-def after_red(text_encoder):
-    """Forgetting circle after red: the forget captions and red's forgotten captions."""
-    return build_prompt_set(
-        "circle",
-        surrogates=["square", "star"],
-        forgotten_before=["red"],
-        forgotten_surrogates={"red": "blue"},
-        n_forget=6,
-        n_per_retained=1,
-        n_per_neighbour=2,
-        n_per_forgotten=4,
-        text_encoder=text_encoder,
-    )
-
-
 def test_the_search_covers_the_request_and_every_earlier_forgotten_concept(tiny_world_model, after_red):
     adversary = InversionAdversary(SMALL, tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0)
     adversary.prepare(after_red)

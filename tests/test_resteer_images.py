@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from cul.unlearning.batches import Batches, replay_sources
 from cul.unlearning.objectives.common import noised
 from cul.unlearning.objectives.dfr import pushed_target, resteer_images
-from cul.unlearning.prompts import build_prompt_set
 from cul.unlearning.recipes import DFRRecipe, recipe_hash
 from cul.unlearning.trainer import unlearn
 
 SMALL = {"steps": 3, "forget_batch": 4, "retain_batch": 4, "replay_steps": 2, "replay_guidance": 1.0}
-
-
-@pytest.fixture(scope="module")
-def after_red(text_encoder):
-    return build_prompt_set(
-        "circle",
-        surrogates=["square", "star"],
-        forgotten_before=["red"],
-        forgotten_surrogates={"red": "blue"},
-        n_forget=6,
-        n_per_retained=1,
-        n_per_neighbour=1,
-        n_per_forgotten=2,
-        text_encoder=text_encoder,
-    )
 
 
 def test_both_draws_the_surrogates_images_beside_the_concepts_and_keeps_the_other_samples(tiny_world_model, after_red):
