@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from cul.unlearning.batches import Batches, replay_sources
-from cul.unlearning.objectives.common import noised
-from cul.unlearning.objectives.dfr import pushed_target, resteer_images
+from cul.unlearning.objectives.common import noised, pushed_target
+from cul.unlearning.objectives.dfr import resteer_images
 from cul.unlearning.recipes import DFRRecipe, recipe_hash
 from cul.unlearning.trainer import unlearn
 

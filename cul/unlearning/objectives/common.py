@@ -1,4 +1,5 @@
-"""What every objective shares: noising teacher samples, and the single-term objective shape."""
+"""What every objective shares: noising teacher samples, the pushed re-steering target, and the
+single-term objective shape."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ def noised(model, x0: torch.Tensor, gen: torch.Generator, t_max: int | None = No
     t = torch.randint(0, high, (n,), generator=gen).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     return model.add_noise(x0, noise, t), t, noise
+
+
+def pushed_target(teacher, x_t, t, forget: list[str], mapped: list[str], push: float | torch.Tensor) -> torch.Tensor:
+    """The re-steering target eps_T(x_t, p_m) + push (eps_T(x_t, p_m) - eps_T(x_t, p_f)), no gradient."""
+    with torch.no_grad():
+        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
+        if isinstance(push, torch.Tensor) or push:
+            away = target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget))
+            target = target + (push.to(away) if isinstance(push, torch.Tensor) else push) * away
+    return target
 
 
 class ForgetOnly:

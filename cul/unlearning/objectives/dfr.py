@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from cul.unlearning.batches import ForgetBatch, RetainBatch
 from cul.unlearning.objectives.adversarial import adversarial_context
-from cul.unlearning.objectives.common import noised
+from cul.unlearning.objectives.common import noised, pushed_target
 from cul.unlearning.objectives.inversion import InversionAdversary
 
 
@@ -58,16 +58,6 @@ def resteer_images(
     if len({p for _, p in parts}) > 1:
         pushes = torch.cat([torch.full((len(x), 1, 1, 1), p, dtype=x.dtype) for x, p in parts])
     return x0, b.forget * len(parts), b.mapped * len(parts), pushes
-
-
-def pushed_target(teacher, x_t, t, forget: list[str], mapped: list[str], push: float | torch.Tensor) -> torch.Tensor:
-    """The re-steering target eps_T(x_t, p_m) + push (eps_T(x_t, p_m) - eps_T(x_t, p_f)), no gradient."""
-    with torch.no_grad():
-        target = teacher.predict_noise(x_t, t, teacher.encode_prompts(mapped))
-        if isinstance(push, torch.Tensor) or push:
-            away = target - teacher.predict_noise(x_t, t, teacher.encode_prompts(forget))
-            target = target + (push.to(away) if isinstance(push, torch.Tensor) else push) * away
-    return target
 
 
 def resteer_loss(

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cul import threads
-from cul.unlearning.objectives.common import noised
+from cul.unlearning.objectives.common import noised, pushed_target
 
 WORD = re.compile(r"\w+(?:['-]\w+)*|\S")  # words, and each punctuation mark on its own
 
@@ -160,10 +160,7 @@ class InversionAdversary:
         m = self.found[int(torch.randint(0, len(self.found), (1,), generator=gen))]
         rows = torch.randint(0, len(m.x0), (self.spec.batch,), generator=gen).tolist()
         x_t, t, _ = noised(self.base, m.x0[rows], gen, t_max)
+        target = pushed_target(self.base, x_t, t, [m.captions[i] for i in rows], [m.mapped[i] for i in rows], push)
         with torch.no_grad():
-            target = self.base.predict_noise(x_t, t, self.base.encode_prompts([m.mapped[i] for i in rows]))
-            if push:
-                concept = self.base.predict_noise(x_t, t, self.base.encode_prompts([m.captions[i] for i in rows]))
-                target = target + push * (target - concept)
             context = student.text.encode_soft(self.soft(m, rows), m.v).to(x_t.device)
         return F.mse_loss(student.predict_noise(x_t, t, context), target)
