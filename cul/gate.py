@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from statistics import NormalDist
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cul.evaluation import StepMetrics, retention
 from cul.fmt import pct
 from cul.probes import ProbeResult
-from cul.unlearning.recipes import RecipeBase
+from cul.unlearning.recipes import DFRRecipe, RecipeBase
 
 RETENTION = ("ra_in", "ra_cross", "ra_neighbour")
 LABELS = {"ua": "UA", "ra_in": "RA-I", "ra_cross": "RA-C", "ra_neighbour": "RA-N", "fd_ratio": "FD ratio"}
@@ -295,7 +296,14 @@ class EscalationPolicy(BaseModel):
     retention and regularization weights multiplied, more steps. Forgetting only (a concept not
     erased, or an earlier one back): the forget term's weight multiplied, more steps, and the
     earlier forgotten concepts' share of each retain batch raised, with the regularizers left as
-    they are, since a stronger pull toward earlier weights is what lets a concept come back."""
+    they are, since a stronger pull toward earlier weights is what lets a concept come back.
+
+    With `forgetting_resteer` set, a request whose own concept was not erased is retried on other
+    images rather than harder: DFR re-steers on the surrogate's images as well
+    (`DFRRecipe.resteer_images`), at the forget term's weight of the recipe. A concept its own
+    images cannot erase (a flat background) then gets what Concept Ablation trains on, and the
+    requests that erase on the first attempt never pay the image quality that costs. A later retry
+    keeps those images and scales the weights one power less than it would have."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -304,6 +312,12 @@ class EscalationPolicy(BaseModel):
     regularization_factor: float = Field(3.0, ge=1)  # l_reg, l2sp, l1sp
     forgetting_factor: float = Field(2.0, ge=1)  # l_unl and forgotten_share, when only forgetting failed
     steps_factor: float = Field(1.5, ge=1)
+    #: when only forgetting failed and this request's concept was among it: the retry's
+    #: `resteer_images` (None: scale l_unl as for any forgetting failure). Recipes without the option,
+    #: or that set it already, are scaled as before.
+    forgetting_resteer: Literal["mapped", "both"] | None = None
+    #: the retry's `surrogate_push` under `forgetting_resteer`.
+    forgetting_surrogate_push: float = Field(0.5, ge=0)
 
     def config_for(self, base: RecipeBase, attempt: int, failed: list[str] | None = None) -> RecipeBase:
         """The recipe of `attempt` (0: `base` itself). `failed`: names of the checks the previous
@@ -316,6 +330,9 @@ class EscalationPolicy(BaseModel):
         update: dict = {"steps": int(round(base.steps * self.steps_factor**attempt))}
         if forgetting_checks_only(failed or []):
             f = self.forgetting_factor**attempt
+            if self.resteers(base, failed or []):  # other images first, harder only from the next retry on
+                update |= {"resteer_images": self.forgetting_resteer, "surrogate_push": self.forgetting_surrogate_push}
+                f = self.forgetting_factor ** (attempt - 1)
             if "l_unl" in own:
                 update["l_unl"] = base.l_unl * f  # type: ignore[attr-defined]
             share = getattr(base, "forgotten_share", None)
@@ -328,3 +345,12 @@ class EscalationPolicy(BaseModel):
                 update[name] = getattr(base, name) * factor
         update["addons"] = base.addons.model_copy(update={"l2sp": base.addons.l2sp * g, "l1sp": base.addons.l1sp * g})
         return base.model_copy(update=update)
+
+    def resteers(self, base: RecipeBase, failed: list[str]) -> bool:
+        """Whether a retry after `failed` switches `base` to the surrogate's images."""
+        return (
+            self.forgetting_resteer is not None
+            and "ua" in failed
+            and isinstance(base, DFRRecipe)
+            and base.resteer_images is None
+        )

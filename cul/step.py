@@ -189,8 +189,9 @@ def train_and_evaluate(
     from cul.judges import step_evaluator
     from cul.models import load_model
     from cul.plots import before_after
+    from cul.unlearning.batches import replay_sources
     from cul.unlearning.prompts import PromptSet
-    from cul.unlearning.trainer import unlearn
+    from cul.unlearning.trainer import keep_teacher, unlearn
 
     threads.reset_used()
     data_dir = Path(data_dir or spec.data_dir)
@@ -201,6 +202,12 @@ def train_and_evaluate(
     ps = PromptSet.load(data_dir / "prompts.json")
     replay_seconds = json.loads((data_dir / "replay" / "seconds.json").read_text())["seconds"]
     buffers = load_buffers(data_dir, spec)
+    if buffers is not None:  # a retry may need samples attempt 0 did not (the surrogate's images)
+        t0 = time.perf_counter()
+        recipe = spec.train_recipe()
+        keep = keep_teacher(parent, base, recipe)
+        buffers = replay_sources(parent, ps, recipe, data_dir / "replay", keep, have=buffers)
+        replay_seconds += time.perf_counter() - t0
     result = unlearn(
         parent,
         ps,

@@ -12,7 +12,7 @@ import yaml
 from cul.gate import EscalationPolicy, Gate, GateConfig
 from cul.queue import RequestQueue, State
 from cul.step import StepSpec, load_steps, next_key, save_step
-from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe
+from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe, recipe_hash
 from cul.unlearning.request import AlreadyForgotten, Request, RequestError
 from tests.support.fakes import ALL, metrics_for
 
@@ -102,6 +102,24 @@ def test_escalation_forgets_harder_when_only_forgetting_failed():
     mixed = policy.config_for(base, 1, failed=["ua", "ra_in-vs-base"])
     assert (mixed.l_unl, mixed.l_pres, mixed.addons.l2sp) == (10, 20, 300)
     assert policy.config_for(base, 1, failed=[]) == policy.config_for(base, 1)
+
+
+def test_escalation_resteers_on_the_surrogates_images_when_the_concept_was_not_erased():
+    policy = EscalationPolicy(forgetting_factor=2, steps_factor=1.5, forgetting_resteer="both")
+    base = DFRRecipe(l_unl=10, steps=100, forgotten_share=0.25)
+    first = policy.config_for(base, 1, failed=["ua"])
+    assert (first.resteer_images, first.surrogate_push, first.l_unl, first.steps) == ("both", 0.5, 10, 150)
+    assert first.forget_sources() == ("forget", "mapped")
+    second = policy.config_for(base, 2, failed=["ua", "ua:red"])  # then harder, one power less
+    assert (second.resteer_images, second.l_unl, second.forgotten_share, second.steps) == ("both", 20, 0.5, 225)
+    # an earlier concept back, a recipe that re-steers already, or a retention failure: as before
+    off = EscalationPolicy(forgetting_factor=2, steps_factor=1.5)
+    assert policy.config_for(base, 1, failed=["ua:red"]) == off.config_for(base, 1, failed=["ua:red"])
+    both = base.model_copy(update={"resteer_images": "both"})
+    assert policy.config_for(both, 1, failed=["ua"]).l_unl == 20
+    assert policy.config_for(base, 1, failed=["ua", "fd_ratio"]).resteer_images is None
+    assert policy.config_for(CARecipe(), 1, failed=["ua"]) == off.config_for(CARecipe(), 1, failed=["ua"])
+    assert recipe_hash(first) != recipe_hash(off.config_for(base, 1, failed=["ua"]))
 
 
 def test_queue_adds_validates_and_refuses_duplicates(tmp_path):

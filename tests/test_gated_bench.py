@@ -66,3 +66,32 @@ def test_a_gated_run_keeps_the_champion_when_every_attempt_is_rejected_and_resum
     assert results[1]["accepted"] and results[1]["forgotten"] == ["circle", "red"]
     assert results[1]["champion"] == "steps/02/attempt-0/model"
     assert json.loads((out / "results.json").read_text()) == results
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_retry_on_the_surrogates_images_draws_only_their_samples_and_trains_on_them(tmp_path, monkeypatch):
+    """`escalation.forgetting_resteer`: the request's samples were prepared for attempt 0; the
+    retry that re-steers on the surrogate's images adds theirs to the same folder and trains on
+    them, the recorded recipe saying so."""
+    from cul.config import Params
+    from cul.gate import EscalationPolicy
+    from cul.step import StepSpec, prepare_data, train_and_evaluate
+    from cul.unlearning.recipes import DFRRecipe
+
+    project = copy_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    tiny_params(project, gate=PERMISSIVE_GATE)
+    params = Params.load("params.yaml")
+    recipe = DFRRecipe(steps=3, replay_steps=2, forget_batch=4, retain_batch=8)  # buffer replay
+    request = Request(concept="plain", kind="texture")
+    spec = StepSpec.for_request(params, "s01", request, str(params.paths.base_model), [], "tiny_buffers", recipe)
+    data = prepare_data(spec, params, tmp_path / "data")
+    prepared = {d.name for d in (data / "replay").iterdir() if d.is_dir()}
+    assert "forget" in prepared and "mapped" not in prepared
+
+    retry_recipe = EscalationPolicy(forgetting_resteer="both").config_for(recipe, 1, failed=["ua"])
+    retry = spec.model_copy(update={"attempt": 1, "recipe": retry_recipe})
+    m = train_and_evaluate(retry, params, data, tmp_path / "model", tmp_path / "report", log=lambda _: None)
+    assert {d.name for d in (data / "replay").iterdir() if d.is_dir()} == prepared | {"mapped"}
+    assert m["recipe"]["resteer_images"] == "both" and m["recipe"]["surrogate_push"] == 0.5
+    assert m["attempt"] == 1

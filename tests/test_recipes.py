@@ -48,6 +48,13 @@ def test_every_experiment_file_resolves_to_a_valid_recipe_and_says_what_it_is(pa
     assert set(data) == set(recipe.model_dump()) and set(data["addons"]) == set(recipe.addons.model_dump())
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "pipeline").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_pipeline_experiment_is_valid_settings_that_differ_from_production(path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith(f"# {path.stem}: ") and lines[1].startswith("# ")
+    assert Params.load(path) != Params()
+
+
 def test_experiments_do_not_reuse_a_production_name_and_the_collection_is_all_there():
     assert len(EXPERIMENTS) >= 40
     assert not {p.stem for p in EXPERIMENTS} & set(METHODS)

@@ -60,3 +60,15 @@ def test_surrogate_push_0_targets_what_theta_0_predicts_for_the_mapped_prompt_on
     plain = pushed_target(tiny_world_model, x_t, t, forget, mapped, 0.0)
     assert torch.allclose(target[:n], pushed[:n]) and torch.allclose(target[n:], plain[n:])
     assert not torch.allclose(pushed[n:], plain[n:])  # the push does move the surrogate's half
+
+
+def test_a_retry_on_the_surrogates_images_adds_only_their_samples(tiny_world_model, after_red):
+    """The gate's escalation may switch a retry to `resteer_images: both` (`EscalationPolicy`); the
+    request's samples were prepared for attempt 0, so only the surrogate's are drawn, as a
+    preparation from scratch would draw them."""
+    first = replay_sources(tiny_world_model, after_red, DFRRecipe(**SMALL), keep_teacher=tiny_world_model)
+    both_recipe = DFRRecipe(**SMALL, resteer_images="both")
+    retry = replay_sources(tiny_world_model, after_red, both_recipe, keep_teacher=tiny_world_model, have=first)
+    fresh = replay_sources(tiny_world_model, after_red, both_recipe, keep_teacher=tiny_world_model)
+    assert set(retry) == set(fresh) and all(retry[n] is first[n] for n in first)
+    assert torch.equal(retry["mapped"].x0, fresh["mapped"].x0)

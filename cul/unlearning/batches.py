@@ -57,12 +57,19 @@ def check_prompts(prompts: PromptSet, recipe) -> None:
 
 
 def replay_sources(
-    teacher, prompts: PromptSet, recipe, buffers_dir: str | Path | None = None, keep_teacher=None
+    teacher,
+    prompts: PromptSet,
+    recipe,
+    buffers_dir: str | Path | None = None,
+    keep_teacher=None,
+    have: dict[str, Source] | None = None,
 ) -> dict[str, Source]:
     """The teacher samples of a step: forget prompts (DFR, ESD noise the concept's own images) or
     mapped prompts (CA, naive train on the surrogate's), and the retain prompts when the recipe
     replays them. `keep_teacher`: the model whose samples stand for what is kept (theta_0 under
-    `retain_teacher: base`; the teacher otherwise)."""
+    `retain_teacher: base`; the teacher otherwise). `have`: samples prepared already for the same
+    teacher and prompts (a retry of the request): only the sources missing from it are generated,
+    each with the seed a preparation from scratch would give it."""
     keep_teacher = keep_teacher or teacher
     forget_sources = recipe.forget_sources()
     by_source = {"forget": (prompts.forget, teacher), "mapped": (prompts.mapped, keep_teacher)}
@@ -79,6 +86,9 @@ def replay_sources(
     sources: dict[str, Source] = {}
     for i, (name, (plist, model)) in enumerate(wanted.items()):
         if not plist:
+            continue
+        if have and name in have:
+            sources[name] = have[name]
             continue
         seed = recipe.seed * 1_000 + i
         if recipe.replay == "online":
