@@ -201,17 +201,17 @@ def train_and_evaluate(
     base = load_model(params.paths.base_model)
     ps = PromptSet.load(data_dir / "prompts.json")
     replay_seconds = json.loads((data_dir / "replay" / "seconds.json").read_text())["seconds"]
+    recipe = spec.train_recipe()
     buffers = load_buffers(data_dir, spec)
     if buffers is not None:  # a retry may need samples attempt 0 did not (the surrogate's images)
         t0 = time.perf_counter()
-        recipe = spec.train_recipe()
         keep = keep_teacher(parent, base, recipe)
         buffers = replay_sources(parent, ps, recipe, data_dir / "replay", keep, have=buffers)
         replay_seconds += time.perf_counter() - t0
     result = unlearn(
         parent,
         ps,
-        spec.train_recipe(),
+        recipe,
         buffers=buffers,
         progress=progress,
         base=base if spec.recipe.needs_base() else None,
