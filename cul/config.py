@@ -54,7 +54,7 @@ class QuickProfile(BaseModel):
     requests: int = Field(2, ge=1)
     train_steps: int | None = Field(None, ge=1)  # None: the method's own steps
     eval_stride: int = Field(4, ge=1)
-    max_attempts: int = Field(1, ge=1)
+    max_attempts: int = Field(2, ge=1)
 
 
 class DispatchSettings(BaseModel):
