@@ -302,8 +302,9 @@ class EscalationPolicy(BaseModel):
     images rather than harder: DFR re-steers on the surrogate's images as well
     (`DFRRecipe.resteer_images`), at the forget term's weight of the recipe. A concept its own
     images cannot erase (a flat background) then gets what Concept Ablation trains on, and the
-    requests that erase on the first attempt never pay the image quality that costs. A later retry
-    keeps those images and scales the weights one power less than it would have."""
+    requests that erase on the first attempt never pay the image quality that costs. Once on, the
+    switch stays on: a later retry keeps those images whatever the attempt before it failed (a
+    probe's wording, retention), and scales the weights one power less than it would have."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -319,20 +320,24 @@ class EscalationPolicy(BaseModel):
     #: the retry's `surrogate_push` under `forgetting_resteer`.
     forgetting_surrogate_push: float = Field(0.5, ge=0)
 
-    def config_for(self, base: RecipeBase, attempt: int, failed: list[str] | None = None) -> RecipeBase:
+    def config_for(
+        self, base: RecipeBase, attempt: int, failed: list[str] | None = None, previous: RecipeBase | None = None
+    ) -> RecipeBase:
         """The recipe of `attempt` (0: `base` itself). `failed`: names of the checks the previous
-        attempt failed (`Check.name`). Only the weights a recipe has are scaled."""
+        attempt failed (`Check.name`); `previous`: that attempt's recipe (what this policy gave it),
+        so a switch to the surrogate's images made on an earlier retry stays on. Only the weights a
+        recipe has are scaled."""
         if attempt < 0 or attempt >= self.max_attempts:
             raise ValueError(f"attempt {attempt} outside 0..{self.max_attempts - 1}")
         if attempt == 0:
             return base
         own = type(base).model_fields
         update: dict = {"steps": int(round(base.steps * self.steps_factor**attempt))}
+        resteer = self.resteers(base, failed or [], previous)
+        if resteer:  # other images first, harder only from the next retry on
+            update |= {"resteer_images": self.forgetting_resteer, "surrogate_push": self.forgetting_surrogate_push}
         if forgetting_checks_only(failed or []):
-            f = self.forgetting_factor**attempt
-            if self.resteers(base, failed or []):  # other images first, harder only from the next retry on
-                update |= {"resteer_images": self.forgetting_resteer, "surrogate_push": self.forgetting_surrogate_push}
-                f = self.forgetting_factor ** (attempt - 1)
+            f = self.forgetting_factor ** (attempt - 1 if resteer else attempt)
             if "l_unl" in own:
                 update["l_unl"] = base.l_unl * f  # type: ignore[attr-defined]
             share = getattr(base, "forgotten_share", None)
@@ -346,11 +351,11 @@ class EscalationPolicy(BaseModel):
         update["addons"] = base.addons.model_copy(update={"l2sp": base.addons.l2sp * g, "l1sp": base.addons.l1sp * g})
         return base.model_copy(update=update)
 
-    def resteers(self, base: RecipeBase, failed: list[str]) -> bool:
-        """Whether a retry after `failed` switches `base` to the surrogate's images."""
-        return (
-            self.forgetting_resteer is not None
-            and "ua" in failed
-            and isinstance(base, DFRRecipe)
-            and base.resteer_images is None
-        )
+    def resteers(self, base: RecipeBase, failed: list[str], previous: RecipeBase | None = None) -> bool:
+        """Whether a retry of `base` after `failed` trains on the surrogate's images: this request's
+        concept was not erased and nothing but forgetting failed, or `previous` (the attempt
+        that failed) was switched to them already."""
+        if self.forgetting_resteer is None or not isinstance(base, DFRRecipe) or base.resteer_images is not None:
+            return False
+        switched = isinstance(previous, DFRRecipe) and previous.resteer_images is not None
+        return switched or ("ua" in failed and forgetting_checks_only(failed))

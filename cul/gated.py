@@ -118,10 +118,10 @@ def run_gated_sequence(
         failed: list[str] = []
         accepted: Path | None = None
         metrics: dict = {}
+        spec_a = spec
         for attempt in range(pl.escalation.max_attempts):
-            spec_a = spec.model_copy(
-                update={"attempt": attempt, "recipe": pl.escalation.config_for(recipe, attempt, failed)}
-            )
+            attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, previous=spec_a.recipe)
+            spec_a = spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
             place = step_dir / f"attempt-{attempt}"
             metrics = train_and_evaluate(spec_a, params, data_dir, place / "model", place / "report", log=log)
             probes = [ProbeResult.model_validate(r) for r in metrics.get("probes", [])]
