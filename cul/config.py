@@ -146,13 +146,16 @@ class Params(BaseModel):
 
     def quick_profile(self) -> Params:
         """These settings with `pipeline.quick` applied (`cul run --quick`): the quick profile's
-        training steps (if set), a thinner evaluation, fewer attempts."""
+        training steps (if set), a thinner evaluation, at most its attempts (never more than
+        `escalation.max_attempts`)."""
         q, pl = self.pipeline.quick, self.pipeline
         pipeline = pl.model_copy(
             update={
                 "train_steps": q.train_steps or pl.train_steps,
                 "eval_stride": q.eval_stride,
-                "escalation": pl.escalation.model_copy(update={"max_attempts": q.max_attempts}),
+                "escalation": pl.escalation.model_copy(
+                    update={"max_attempts": min(q.max_attempts, pl.escalation.max_attempts)}
+                ),
             }
         )
         return self.model_copy(update={"pipeline": pipeline})

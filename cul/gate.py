@@ -304,7 +304,8 @@ class EscalationPolicy(BaseModel):
     images cannot erase (a flat background) then gets what Concept Ablation trains on, and the
     requests that erase on the first attempt never pay the image quality that costs. Once on, the
     switch stays on: a later retry keeps those images whatever the attempt before it failed (a
-    probe's wording, retention), and scales the weights one power less than it would have."""
+    probe's wording, retention), with the forget term's weight one power less than it would have
+    had, and retention and regularization scaled as on any retry."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -321,10 +322,14 @@ class EscalationPolicy(BaseModel):
     forgetting_surrogate_push: float = Field(0.5, ge=0)
 
     def config_for(
-        self, base: RecipeBase, attempt: int, failed: list[str] | None = None, previous: RecipeBase | None = None
+        self,
+        base: RecipeBase,
+        attempt: int,
+        failed: list[str] | None = None,
+        failed_recipe: RecipeBase | None = None,
     ) -> RecipeBase:
         """The recipe of `attempt` (0: `base` itself). `failed`: names of the checks the previous
-        attempt failed (`Check.name`); `previous`: that attempt's recipe (what this policy gave it),
+        attempt failed (`Check.name`); `failed_recipe`: that attempt's recipe (what this policy gave it),
         so a switch to the surrogate's images made on an earlier retry stays on. Only the weights a
         recipe has are scaled."""
         if attempt < 0 or attempt >= self.max_attempts:
@@ -333,7 +338,7 @@ class EscalationPolicy(BaseModel):
             return base
         own = type(base).model_fields
         update: dict = {"steps": int(round(base.steps * self.steps_factor**attempt))}
-        resteer = self.resteers(base, failed or [], previous)
+        resteer = self.resteers(base, failed or [], failed_recipe)
         if resteer:  # other images first, harder only from the next retry on
             update |= {"resteer_images": self.forgetting_resteer, "surrogate_push": self.forgetting_surrogate_push}
         if forgetting_checks_only(failed or []):
@@ -351,11 +356,11 @@ class EscalationPolicy(BaseModel):
         update["addons"] = base.addons.model_copy(update={"l2sp": base.addons.l2sp * g, "l1sp": base.addons.l1sp * g})
         return base.model_copy(update=update)
 
-    def resteers(self, base: RecipeBase, failed: list[str], previous: RecipeBase | None = None) -> bool:
+    def resteers(self, base: RecipeBase, failed: list[str], failed_recipe: RecipeBase | None = None) -> bool:
         """Whether a retry of `base` after `failed` trains on the surrogate's images: this request's
-        concept was not erased and nothing but forgetting failed, or `previous` (the attempt
+        concept was not erased and nothing but forgetting failed, or `failed_recipe` (the attempt
         that failed) was switched to them already."""
         if self.forgetting_resteer is None or not isinstance(base, DFRRecipe) or base.resteer_images is not None:
             return False
-        switched = isinstance(previous, DFRRecipe) and previous.resteer_images is not None
+        switched = isinstance(failed_recipe, DFRRecipe) and failed_recipe.resteer_images is not None
         return switched or ("ua" in failed and forgetting_checks_only(failed))

@@ -120,7 +120,7 @@ def run_gated_sequence(
         metrics: dict = {}
         spec_a = spec
         for attempt in range(pl.escalation.max_attempts):
-            attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, previous=spec_a.recipe)
+            attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, failed_recipe=spec_a.recipe)
             spec_a = spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
             place = step_dir / f"attempt-{attempt}"
             metrics = train_and_evaluate(spec_a, params, data_dir, place / "model", place / "report", log=log)

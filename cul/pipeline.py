@@ -254,7 +254,7 @@ def process_request(
     outcome.seconds_prepare = time.perf_counter() - t0
     spec, attempt_run, failed = base_spec, "", list[str]()
     for attempt in range(pl.escalation.max_attempts):
-        attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, previous=spec.recipe)
+        attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, failed_recipe=spec.recipe)
         spec = base_spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
         attempt_run = tracker.open_attempt(
             run_id,

@@ -127,14 +127,14 @@ def test_a_switch_to_the_surrogates_images_stays_on_whatever_the_retry_then_fail
     base = DFRRecipe(l_unl=10, l_pres=5, steps=100)
     first = policy.config_for(base, 1, failed=["ua"])
     # erased on the retry, but a misspelling brings it back: harder, on the same images
-    wording = policy.config_for(base, 2, failed=["recovery:wording:typo"], previous=first)
+    wording = policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=first)
     assert (wording.resteer_images, wording.surrogate_push, wording.l_unl, wording.steps) == ("both", 0.5, 20, 225)
     # retention failed on the retry: the regularizing direction, still on the same images
-    kept = policy.config_for(base, 2, failed=["ra_in-vs-base"], previous=first)
+    kept = policy.config_for(base, 2, failed=["ra_in-vs-base"], failed_recipe=first)
     assert (kept.resteer_images, kept.l_unl, kept.l_pres) == ("both", 10, 20)
     # without the switch before, a wording failure is scaled as any forgetting failure
-    assert policy.config_for(base, 2, failed=["recovery:wording:typo"], previous=base).resteer_images is None
-    assert policy.config_for(base, 2, failed=["recovery:wording:typo"], previous=base).l_unl == 40
+    assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).resteer_images is None
+    assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).l_unl == 40
 
 
 def test_queue_adds_validates_and_refuses_duplicates(tmp_path):

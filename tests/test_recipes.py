@@ -20,6 +20,15 @@ def test_code_defaults_are_the_production_params():
     assert Params.load(ROOT / "params.yaml") == Params()
 
 
+def test_the_quick_profile_thins_the_evaluation_and_never_allows_more_attempts_than_production():
+    p = Params()
+    quick = p.quick_profile()
+    assert (quick.pipeline.eval_stride, quick.pipeline.escalation.max_attempts) == (4, 2)
+    assert quick.pipeline.gate == p.pipeline.gate and p.pipeline.escalation.max_attempts == 3
+    one = Params.model_validate({"pipeline": {"escalation": {"max_attempts": 1}}})
+    assert one.quick_profile().pipeline.escalation.max_attempts == 1
+
+
 def test_params_yaml_is_production_only_and_short():
     text = (ROOT / "params.yaml").read_text()
     assert len(text.splitlines()) <= 100
