@@ -26,12 +26,10 @@ from pathlib import Path
 
 from cul.benchmark import BenchmarkError, _load_results, _remaining, write_results
 from cul.config import Params
-from cul.evaluation import Evaluator, StepMetrics, weight_drift
+from cul.evaluation import Evaluator, weight_drift
 from cul.fmt import pct, times
-from cul.gate import Gate
 from cul.io.provenance import provenance
-from cul.probes import ProbeResult
-from cul.step import StepSpec, prepare_data, train_and_evaluate
+from cul.step import StepSpec, prepare_data, run_attempts, train_and_evaluate
 from cul.unlearning.recipes import Recipe, recipe_hash
 from cul.unlearning.request import Request
 
@@ -97,7 +95,6 @@ def run_gated_sequence(
         )
     made_by = provenance(name, recipe, code=code)
     base_state = {n: p.detach().clone() for n, p in base_model.unet.named_parameters()}
-    gate = Gate(pl.gate)
     champion = base_dir
     forgotten: list[str] = []
     previous: dict[str, float] | None = None  # the champion's per-concept scores, from its own step
@@ -115,23 +112,19 @@ def run_gated_sequence(
         data_dir = prepare_data(spec, params, step_dir / "data")
         seconds_prepare = time.perf_counter() - t0
         attempts: list[dict] = []
-        failed: list[str] = []
         accepted: Path | None = None
         metrics: dict = {}
-        spec_a = spec
-        for attempt in range(pl.escalation.max_attempts):
-            attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, failed_recipe=spec_a.recipe)
-            spec_a = spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
-            place = step_dir / f"attempt-{attempt}"
-            metrics = train_and_evaluate(spec_a, params, data_dir, place / "model", place / "report", log=log)
-            probes = [ProbeResult.model_validate(r) for r in metrics.get("probes", [])]
-            verdict = gate.decide(
-                StepMetrics.model_validate(metrics), forgotten + [metrics["concept"]], previous, probes
-            )
+
+        def train(s: StepSpec, step_dir: Path = step_dir, data_dir: Path = data_dir) -> dict:
+            place = step_dir / f"attempt-{s.attempt}"
+            return train_and_evaluate(s, params, data_dir, place / "model", place / "report", log=log)
+
+        for a in run_attempts(spec, pl.escalation, previous, train):
+            metrics, verdict, place = a.metrics, a.verdict, step_dir / f"attempt-{a.spec.attempt}"
             attempts.append(
                 {
-                    "attempt": attempt,
-                    "recipe_hash": recipe_hash(spec_a.recipe),
+                    "attempt": a.spec.attempt,
+                    "recipe_hash": recipe_hash(a.spec.recipe),
                     "accepted": verdict.accepted,
                     "reasons": verdict.reasons,
                     "ua": metrics["ua"],
@@ -142,12 +135,11 @@ def run_gated_sequence(
                     "gate_rounds": metrics.get("gate_rounds", 0),
                 }
             )
-            log(f"[{name}] request {k} ({metrics['concept']}) attempt {attempt}: {verdict.summary()}")
+            log(f"[{name}] request {k} ({metrics['concept']}) attempt {a.spec.attempt}: {verdict.summary()}")
             if verdict.accepted:
                 accepted = place / "model"
-                break
-            failed = [c.name for c in verdict.checks if not c.passed]
-            shutil.rmtree(place / "model")  # as production drops it; its report stays
+            else:
+                shutil.rmtree(place / "model")  # as production drops it; its report stays
         shutil.rmtree(data_dir, ignore_errors=True)  # teacher samples and buffers, as production drops them
         concept = metrics["concept"]
         changed = accepted is not None

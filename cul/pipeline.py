@@ -24,10 +24,9 @@ from cul.audit import write_deletion_record
 from cul.config import Params
 from cul.evaluation import StepMetrics
 from cul.fmt import pct, times
-from cul.gate import Gate, Verdict
-from cul.probes import ProbeResult
+from cul.gate import Verdict
 from cul.queue import QueuedRequest, State
-from cul.step import STEPS_FILE, StepSpec, load_steps, next_key, save_step
+from cul.step import STEPS_FILE, StepSpec, load_steps, next_key, run_attempts, save_step
 from cul.unlearning.preparation import PreparationError
 from cul.unlearning.recipes import RecipeBase, recipe_hash
 
@@ -252,30 +251,28 @@ def process_request(
         log(f"{request_id}: {outcome.reasons[0]}; sent to review, champion unchanged")
         return outcome
     outcome.seconds_prepare = time.perf_counter() - t0
-    spec, attempt_run, failed = base_spec, "", list[str]()
-    for attempt in range(pl.escalation.max_attempts):
-        attempt_recipe = pl.escalation.config_for(recipe, attempt, failed, failed_recipe=spec.recipe)
-        spec = base_spec.model_copy(update={"attempt": attempt, "recipe": attempt_recipe})
-        attempt_run = tracker.open_attempt(
+    runs: dict[int, tuple[str, float]] = {}  # attempt -> its MLflow run, when it started
+
+    def train(spec: StepSpec) -> dict:
+        run = tracker.open_attempt(
             run_id,
-            attempt,
-            {**flat_recipe(attempt_recipe), "parent": parent, "forgotten": forgotten},
-            {"recipe_name": name, "recipe_hash": recipe_hash(attempt_recipe), "git_commit": code_rev},
+            spec.attempt,
+            {**flat_recipe(spec.recipe), "parent": parent, "forgotten": forgotten},
+            {"recipe_name": name, "recipe_hash": recipe_hash(spec.recipe), "git_commit": code_rev},
         )
-        t0 = time.perf_counter()
-        outcome.metrics = runner.attempt(spec, data_dir, attempt_run)
-        outcome.seconds_train += outcome.metrics.get("seconds_train", 0.0)
-        outcome.seconds_eval += outcome.metrics.get("seconds_eval", 0.0)
-        m = StepMetrics.model_validate(outcome.metrics)
-        probes = [ProbeResult.model_validate(r) for r in outcome.metrics.get("probes", [])]
-        verdict = Gate(pl.gate).decide(m, forgotten + [item.concept], previous, probes)
-        tracker.log_attempt(attempt_run, outcome.metrics, verdict, spec.report_dir)
+        runs[spec.attempt] = run, time.perf_counter()
+        return runner.attempt(spec, data_dir, run)
+
+    for a in run_attempts(base_spec, pl.escalation, previous, train):
+        spec, verdict, (attempt_run, started) = a.spec, a.verdict, runs[a.spec.attempt]
+        outcome.metrics = a.metrics
+        outcome.seconds_train += a.metrics.get("seconds_train", 0.0)
+        outcome.seconds_eval += a.metrics.get("seconds_eval", 0.0)
+        m = StepMetrics.model_validate(a.metrics)
+        tracker.log_attempt(attempt_run, a.metrics, verdict, spec.report_dir)
         tracker.close(attempt_run)
-        outcome.attempts.append(attempt_row(attempt, attempt_recipe, m, time.perf_counter() - t0, verdict))
-        log(f"{request_id} attempt {attempt}: {verdict.summary()}")
-        if verdict.accepted:
-            break
-        failed = [c.name for c in verdict.checks if not c.passed]
+        outcome.attempts.append(attempt_row(spec.attempt, spec.recipe, m, time.perf_counter() - started, verdict))
+        log(f"{request_id} attempt {spec.attempt}: {verdict.summary()}")
 
     if verdict.accepted and (now := _version(tracker.champion())) != parent_version:
         for d in (spec.model_dir, spec.report_dir, spec.data_dir):

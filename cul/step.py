@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,7 @@ from cul import threads
 from cul.config import Params
 from cul.evaluation import EvalSpec
 from cul.fmt import pct, times
-from cul.gate import GateConfig
+from cul.gate import EscalationPolicy, GateConfig, Verdict
 from cul.probes import summarise, to_records
 from cul.unlearning.recipes import DFRRecipe, Recipe
 from cul.unlearning.request import Request
@@ -291,6 +292,56 @@ def robustness(student, base, evaluator, spec: StepSpec, params: Params, forgott
     figures = {k: by_name[k].figure for k in samples if k in by_name}
     probe_grid(samples, figures, out_report / "probes.png", f"{spec.key}: probes (recovery)")
     return probes, rounds
+
+
+@dataclass
+class Attempt:
+    """One attempt at a step: the spec it trained under (`spec.attempt`, the escalated recipe),
+    the metrics `train_and_evaluate` returned, and the gate's verdict on them."""
+
+    spec: StepSpec
+    metrics: dict
+    verdict: Verdict
+
+
+def run_attempts(
+    spec: StepSpec,
+    escalation: EscalationPolicy,
+    previous: dict[str, float] | None,
+    train: Callable[[StepSpec], dict],
+) -> Iterator[Attempt]:
+    """The attempts at `spec` as production makes them, one at a time.
+
+    Attempt 0 trains `spec.recipe`; a rejected attempt is retried with the recipe `escalation`
+    gives for the checks it failed (and its own recipe, so a switch to the surrogate's images
+    stays on), until the gate (`spec.gate`) accepts or `escalation.max_attempts` run out. The
+    last attempt yielded is the accepted one, or the last rejected one.
+
+    Args:
+        spec: the step, with attempt 0's recipe.
+        escalation: how a rejected attempt is retried.
+        previous: the parent's per-concept scores, from its own step (None: the base model).
+        train: trains and evaluates one attempt's spec and returns its metrics
+            (`train_and_evaluate`'s); the caller decides where it writes and what it records.
+    """
+    from cul.evaluation import StepMetrics
+    from cul.gate import Gate
+    from cul.probes import ProbeResult
+
+    gate = Gate(spec.gate)
+    tried, failed = spec, list[str]()
+    for attempt in range(escalation.max_attempts):
+        recipe = escalation.config_for(spec.recipe, attempt, failed, failed_recipe=tried.recipe)
+        tried = spec.model_copy(update={"attempt": attempt, "recipe": recipe})
+        metrics = train(tried)
+        probes = [ProbeResult.model_validate(r) for r in metrics.get("probes", [])]
+        verdict = gate.decide(
+            StepMetrics.model_validate(metrics), spec.forgotten + [metrics["concept"]], previous, probes
+        )
+        yield Attempt(tried, metrics, verdict)
+        if verdict.accepted:
+            return
+        failed = [c.name for c in verdict.checks if not c.passed]
 
 
 def run_step(spec: StepSpec, params: Params, progress: bool = False, log: Callable[[str], None] = print) -> dict:

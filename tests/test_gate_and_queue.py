@@ -11,10 +11,10 @@ import yaml
 
 from cul.gate import EscalationPolicy, Gate, GateConfig
 from cul.queue import RequestQueue, State
-from cul.step import StepSpec, load_steps, next_key, save_step
+from cul.step import StepSpec, load_steps, next_key, run_attempts, save_step
 from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe, recipe_hash
 from cul.unlearning.request import AlreadyForgotten, Request, RequestError
-from tests.support.fakes import ALL, metrics_for
+from tests.support.fakes import ALL, evaluation, metrics_for
 
 
 def test_gate_accepts_a_clean_step():
@@ -135,6 +135,28 @@ def test_a_switch_to_the_surrogates_images_stays_on_whatever_the_retry_then_fail
     # without the switch before, a wording failure is scaled as any forgetting failure
     assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).resteer_images is None
     assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).l_unl == 40
+
+
+def test_the_attempts_stop_at_the_first_accepted_and_a_retry_on_other_images_stays_on_them():
+    policy = EscalationPolicy(max_attempts=4, forgetting_resteer="both")
+    spec = StepSpec(key="s01", request=Request(concept="red"), parent="models/base",
+                    recipe=DFRRecipe(l_unl=10, l_pres=5, steps=100))  # fmt: skip
+    # attempt 0 leaves red in half its images; attempt 1 erases it but blurs; attempt 2 passes
+    outcomes = [evaluation(["red"], 0.5), evaluation(["red"], 0.0) | {"fd_ratio": 5.0}, evaluation(["red"], 0.0)]
+    trained = []
+
+    def train(s: StepSpec) -> dict:
+        trained.append(s)
+        return outcomes[s.attempt]
+
+    tried = list(run_attempts(spec, policy, None, train))
+    assert [a.spec.attempt for a in tried] == [0, 1, 2] and len(trained) == 3  # the fourth is never trained
+    assert [a.verdict.accepted for a in tried] == [False, False, True]
+    assert [c.name for c in tried[1].verdict.checks if not c.passed] == ["fd_ratio"]
+    first, second, third = (a.spec.recipe for a in tried)
+    assert first == spec.recipe and (second.resteer_images, second.l_unl) == ("both", 10)
+    # image quality failed on the surrogate's images: still on them, regularized as any retry
+    assert (third.resteer_images, third.l_unl, third.l_pres) == ("both", 10, 20)
 
 
 def test_queue_adds_validates_and_refuses_duplicates(tmp_path):

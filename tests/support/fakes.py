@@ -33,6 +33,7 @@ def evaluation(forgotten: list[str], left: float) -> dict:
     """An attempt's metrics where the last forgotten concept is still drawn in `left` of its images."""
     scores = {n: 1.0 for n in ALL} | {f: 0.0 for f in forgotten} | {forgotten[-1]: left}
     return {
+        "concept": forgotten[-1],
         "per_concept": scores,
         "ua": 1 - left,
         **retention(scores, forgotten),
