@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cul.evaluation import StepMetrics, retention
 from cul.fmt import pct
 from cul.probes import ProbeResult
-from cul.unlearning.recipes import DFRRecipe, RecipeBase
+from cul.unlearning.recipes import DFRRecipe, Inversion, RecipeBase
 
 RETENTION = ("ra_in", "ra_cross", "ra_neighbour")
 LABELS = {"ua": "UA", "ra_in": "RA-I", "ra_cross": "RA-C", "ra_neighbour": "RA-N", "fd_ratio": "FD ratio"}
@@ -305,7 +305,13 @@ class EscalationPolicy(BaseModel):
     requests that erase on the first attempt never pay the image quality that costs. Once on, the
     switch stays on: a later retry keeps those images whatever the attempt before it failed (a
     probe's wording, retention), with the forget term's weight one power less than it would have
-    had, and retention and regularization scaled as on any retry."""
+    had, and retention and regularization scaled as on any retry.
+
+    With `recovery_inversion` set, a request whose forgotten concepts came back under a probe (a
+    wording a user tries, or an attack the step runs: `eval.probes.attacks`) is retried erased
+    against textual inversion as well (`DFRRecipe.inversion`, STEREO's search), so only the
+    requests an attack revives pay for it. Like the switch to other images it stays on for later
+    retries, and the forget term's weight is one power less while either switch is on."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -320,6 +326,10 @@ class EscalationPolicy(BaseModel):
     forgetting_resteer: Literal["mapped", "both"] | None = None
     #: the retry's `surrogate_push` under `forgetting_resteer`.
     forgetting_surrogate_push: float = Field(0.5, ge=0)
+    #: when a `recovery:` check failed: the retry's `inversion` (None: off). Recipes other than DFR
+    #: distilled from theta_0 onto mapped targets, or that erase against inversion already, are
+    #: scaled as before.
+    recovery_inversion: Inversion | None = None
 
     def config_for(
         self,
@@ -339,10 +349,13 @@ class EscalationPolicy(BaseModel):
         own = type(base).model_fields
         update: dict = {"steps": int(round(base.steps * self.steps_factor**attempt))}
         resteer = self.resteers(base, failed or [], failed_recipe)
+        invert = self.inverts(base, failed or [], failed_recipe)
         if resteer:  # other images first, harder only from the next retry on
             update |= {"resteer_images": self.forgetting_resteer, "surrogate_push": self.forgetting_surrogate_push}
+        if invert:
+            update["inversion"] = self.recovery_inversion
         if forgetting_checks_only(failed or []):
-            f = self.forgetting_factor ** (attempt - 1 if resteer else attempt)
+            f = self.forgetting_factor ** (attempt - 1 if resteer or invert else attempt)
             if "l_unl" in own:
                 update["l_unl"] = base.l_unl * f  # type: ignore[attr-defined]
             share = getattr(base, "forgotten_share", None)
@@ -364,3 +377,13 @@ class EscalationPolicy(BaseModel):
             return False
         switched = isinstance(failed_recipe, DFRRecipe) and failed_recipe.resteer_images is not None
         return switched or ("ua" in failed and forgetting_checks_only(failed))
+
+    def inverts(self, base: RecipeBase, failed: list[str], failed_recipe: RecipeBase | None = None) -> bool:
+        """Whether a retry of `base` after `failed` erases against textual inversion: a probe brought
+        a forgotten concept back (a failed `recovery:` check), or `failed_recipe` did so already."""
+        if self.recovery_inversion is None or not isinstance(base, DFRRecipe) or base.inversion is not None:
+            return False
+        if base.retain_teacher != "base" or base.forgotten_target != "mapped":  # what the term needs
+            return False
+        switched = isinstance(failed_recipe, DFRRecipe) and failed_recipe.inversion is not None
+        return switched or any(name.startswith("recovery:") for name in failed)

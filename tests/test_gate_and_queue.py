@@ -12,7 +12,7 @@ import yaml
 from cul.gate import EscalationPolicy, Gate, GateConfig
 from cul.queue import RequestQueue, State
 from cul.step import StepSpec, load_steps, next_key, run_attempts, save_step
-from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe, recipe_hash
+from cul.unlearning.recipes import AddOns, CARecipe, DFRRecipe, Inversion, recipe_hash
 from cul.unlearning.request import AlreadyForgotten, Request, RequestError
 from tests.support.fakes import ALL, evaluation, metrics_for
 
@@ -135,6 +135,24 @@ def test_a_switch_to_the_surrogates_images_stays_on_whatever_the_retry_then_fail
     # without the switch before, a wording failure is scaled as any forgetting failure
     assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).resteer_images is None
     assert policy.config_for(base, 2, failed=["recovery:wording:typo"], failed_recipe=base).l_unl == 40
+
+
+def test_a_concept_a_probe_revives_is_retried_erased_against_textual_inversion_and_stays_so():
+    inversion = Inversion(weight=0.3)
+    policy = EscalationPolicy(forgetting_factor=2, recovery_inversion=inversion)
+    base = DFRRecipe(l_unl=10, l_pres=5, steps=100)
+    # textual inversion brought the concept back: the retry erases against it, at the same forget weight
+    first = policy.config_for(base, 1, failed=["recovery:soft_prompt:plain"])
+    assert (first.inversion, first.l_unl) == (inversion, 10)
+    # erased against it, but retention fell: it stays on, the retry regularizes
+    second = policy.config_for(base, 2, failed=["ra_in-vs-base"], failed_recipe=first)
+    assert (second.inversion, second.l_unl, second.l_pres) == (inversion, 10, 20)
+    # a concept simply not erased is scaled as before; so is a recipe the term cannot train
+    assert policy.config_for(base, 1, failed=["ua"]).inversion is None
+    assert policy.config_for(base, 1, failed=["ua"]).l_unl == 20
+    own = base.model_copy(update={"retain_teacher": "previous"})
+    assert policy.config_for(own, 1, failed=["recovery:soft_prompt:plain"]).inversion is None
+    assert policy.config_for(CARecipe(), 1, failed=["recovery:typo:red"]) == policy.config_for(CARecipe(), 1, ["ua"])
 
 
 def test_the_attempts_stop_at_the_first_accepted_and_a_retry_on_other_images_stays_on_them():
