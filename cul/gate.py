@@ -326,9 +326,9 @@ class EscalationPolicy(BaseModel):
     forgetting_resteer: Literal["mapped", "both"] | None = None
     #: the retry's `surrogate_push` under `forgetting_resteer`.
     forgetting_surrogate_push: float = Field(0.5, ge=0)
-    #: when a `recovery:` check failed: the retry's `inversion` (None: off). Recipes other than DFR
-    #: distilled from theta_0 onto mapped targets, or that erase against inversion already, are
-    #: scaled as before.
+    #: when a wording's or an embedding attack's `recovery:` check failed: the retry's `inversion`
+    #: (None: off). Recipes other than DFR distilled from theta_0 onto mapped targets, or that
+    #: erase against inversion already, are scaled as before.
     recovery_inversion: Inversion | None = None
 
     def config_for(
@@ -379,11 +379,13 @@ class EscalationPolicy(BaseModel):
         return switched or ("ua" in failed and forgetting_checks_only(failed))
 
     def inverts(self, base: RecipeBase, failed: list[str], failed_recipe: RecipeBase | None = None) -> bool:
-        """Whether a retry of `base` after `failed` erases against textual inversion: a probe brought
-        a forgotten concept back (a failed `recovery:` check), or `failed_recipe` did so already."""
+        """Whether a retry of `base` after `failed` erases against textual inversion: a wording or an
+        attack in the text's embedding space brought a forgotten concept back (a failed `recovery:`
+        check; not the relearning attacks), or `failed_recipe` did so already."""
         if self.recovery_inversion is None or not isinstance(base, DFRRecipe) or base.inversion is not None:
             return False
         if base.retain_teacher != "base" or base.forgotten_target != "mapped":  # what the term needs
             return False
         switched = isinstance(failed_recipe, DFRRecipe) and failed_recipe.inversion is not None
-        return switched or any(name.startswith("recovery:") for name in failed)
+        revived = [n for n in failed if n.startswith("recovery:") and not n.startswith("recovery:relearn_")]
+        return switched or bool(revived)  # fine-tuning back is not a word the search can find

@@ -36,6 +36,26 @@ from cul.unlearning.request import Request
 SCORES = ("ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean")
 
 
+def gate_settings(params: Params) -> tuple[dict, str]:
+    """What decides a gated run's verdicts besides the recipe (`pipeline.gate`, `escalation`,
+    `eval_stride`, `eval`, the catalogue, the judge, the world), and its short hash: a rerun under
+    other settings would mix two gates' verdicts in one `results.json`."""
+    pl = params.pipeline
+    settings = {
+        "gate": pl.gate.model_dump(mode="json"),
+        # an option added later enters only when set, so runs gated before it keep their hash
+        "escalation": pl.escalation.model_dump(
+            mode="json", exclude={"recovery_inversion"} if pl.escalation.recovery_inversion is None else set()
+        ),
+        "eval_stride": pl.eval_stride,
+        "eval": params.eval.model_dump(mode="json"),
+        "catalogue": pl.catalogue,
+        "judge": {"path": str(params.paths.judge), **params.judge.model_dump(mode="json")},
+        "world": params.world.model_dump(mode="json"),
+    }
+    return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_gated_sequence(
     params: Params,
     base_model,
@@ -77,17 +97,7 @@ def run_gated_sequence(
         requests=requests,
         evaluation=evaluator.settings(),
     )
-    # what decides, besides the recipe: a rerun under other settings would mix two gates' verdicts
-    settings = {
-        "gate": pl.gate.model_dump(mode="json"),
-        "escalation": pl.escalation.model_dump(mode="json"),
-        "eval_stride": pl.eval_stride,
-        "eval": params.eval.model_dump(mode="json"),
-        "catalogue": pl.catalogue,
-        "judge": {"path": str(params.paths.judge), **params.judge.model_dump(mode="json")},
-        "world": params.world.model_dump(mode="json"),
-    }
-    gate_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    settings, gate_hash = gate_settings(params)
     if results and {r.get("gate_hash") for r in results} != {gate_hash}:
         raise BenchmarkError(
             f"{out / 'results.json'} was gated under other settings (pipeline.gate, escalation, eval_stride or "

@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cul import threads
 from cul.config import Params
-from cul.evaluation import EvalSpec
+from cul.evaluation import EvalSpec, StepMetrics
 from cul.fmt import pct, times
-from cul.gate import EscalationPolicy, GateConfig, Verdict
-from cul.probes import summarise, to_records
+from cul.gate import EscalationPolicy, Gate, GateConfig, Verdict
+from cul.probes import ProbeResult, summarise, to_records
 from cul.unlearning.recipes import DFRRecipe, Recipe
 from cul.unlearning.request import Request
 
@@ -313,9 +313,10 @@ def run_attempts(
     """The attempts at `spec` as production makes them, one at a time.
 
     Attempt 0 trains `spec.recipe`; a rejected attempt is retried with the recipe `escalation`
-    gives for the checks it failed (and its own recipe, so a switch to the surrogate's images
-    stays on), until the gate (`spec.gate`) accepts or `escalation.max_attempts` run out. The
-    last attempt yielded is the accepted one, or the last rejected one.
+    gives for the checks it failed (and its own recipe, so a switch to the surrogate's images or
+    to erasing against textual inversion stays on), until the gate (`spec.gate`) accepts or
+    `escalation.max_attempts` run out. The last attempt yielded is the accepted one, or the last
+    rejected one.
 
     Args:
         spec: the step, with attempt 0's recipe.
@@ -324,10 +325,6 @@ def run_attempts(
         train: trains and evaluates one attempt's spec and returns its metrics
             (`train_and_evaluate`'s); the caller decides where it writes and what it records.
     """
-    from cul.evaluation import StepMetrics
-    from cul.gate import Gate
-    from cul.probes import ProbeResult
-
     gate = Gate(spec.gate)
     tried, failed = spec, list[str]()
     for attempt in range(escalation.max_attempts):

@@ -150,9 +150,24 @@ def test_a_concept_a_probe_revives_is_retried_erased_against_textual_inversion_a
     # a concept simply not erased is scaled as before; so is a recipe the term cannot train
     assert policy.config_for(base, 1, failed=["ua"]).inversion is None
     assert policy.config_for(base, 1, failed=["ua"]).l_unl == 20
-    own = base.model_copy(update={"retain_teacher": "previous"})
+    own = DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous")
     assert policy.config_for(own, 1, failed=["recovery:soft_prompt:plain"]).inversion is None
     assert policy.config_for(CARecipe(), 1, failed=["recovery:typo:red"]) == policy.config_for(CARecipe(), 1, ["ua"])
+    # fine-tuning brought it back: no word to search for
+    assert policy.config_for(base, 1, failed=["recovery:relearn_neighbour:plain"]).inversion is None
+    # a revival and a retention drop together: erased against inversion, on the regularizing path
+    mixed = policy.config_for(base, 1, failed=["recovery:typo:plain", "ra_in-vs-base"])
+    assert (mixed.inversion, mixed.l_unl, mixed.l_pres) == (inversion, 10, 10)
+    assert EscalationPolicy().config_for(base, 1, failed=["recovery:soft_prompt:plain"]).inversion is None  # off
+
+
+def test_with_both_switches_on_the_forget_weight_is_one_power_less_not_two():
+    policy = EscalationPolicy(forgetting_factor=2, forgetting_resteer="both", recovery_inversion=Inversion())
+    base = DFRRecipe(l_unl=10, steps=100)
+    first = policy.config_for(base, 1, failed=["ua"])  # not erased: the surrogate's images, same weight
+    assert (first.resteer_images, first.inversion, first.l_unl) == ("both", None, 10)
+    second = policy.config_for(base, 2, failed=["recovery:soft_prompt:plain"], failed_recipe=first)
+    assert (second.resteer_images, second.inversion, second.l_unl) == ("both", Inversion(), 20)
 
 
 def test_the_attempts_stop_at_the_first_accepted_and_a_retry_on_other_images_stays_on_them():

@@ -95,3 +95,19 @@ def test_a_retry_on_the_surrogates_images_draws_only_their_samples_and_trains_on
     assert {d.name for d in (data / "replay").iterdir() if d.is_dir()} == prepared | {"mapped"}
     assert m["recipe"]["resteer_images"] == "both" and m["recipe"]["surrogate_push"] == 0.5
     assert m["attempt"] == 1
+
+
+def test_a_run_gated_before_an_escalation_option_existed_keeps_its_gate_hash_until_the_option_is_set():
+    from cul.config import Params
+    from cul.gated import gate_settings
+    from cul.unlearning.recipes import Inversion
+
+    run = "reports/benchmark/heldout-order1-resteer_on_retry/dfr/results.json"
+    recorded = {r["gate_hash"] for r in json.loads(open(run).read())}
+    params = Params.load("experiments/pipeline/resteer_on_retry.yaml")
+    assert {gate_settings(params)[1]} == recorded  # `--max-steps 10` resumes it
+    pl = params.pipeline
+    robust = pl.escalation.model_copy(update={"recovery_inversion": Inversion(weight=0.3)})
+    robust_params = params.model_copy(update={"pipeline": pl.model_copy(update={"escalation": robust})})
+    settings, other = gate_settings(robust_params)
+    assert other not in recorded and settings["escalation"]["recovery_inversion"]["weight"] == 0.3
