@@ -785,9 +785,11 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     records = load_robustness(runs)
     robust = robustness_table(records)
+    probed = sorted({str(r.get("families", "all")) for r in records.values()})  # what --probes each run had
+    probes = f"cul bench --probes {probed[0]}" if len(probed) == 1 else "cul bench --probes, as each run"
     (out / "table.md").write_text(
         benchmark_table(found)
-        + ("\n### Under attack (`cul bench --probes all`)\n\n" + robust if robust else "")
+        + (f"\n### Under attack (`{probes}`)\n\n" + robust if robust else "")
         + "\n### At equal steps\n\n"
         + side_by_side(found)
         + "\n### Every step\n\n"
@@ -800,7 +802,7 @@ def report(
         from cul.plots import robustness_bars
 
         steps = sorted({r["steps"] for r in records.values()})
-        title = f"recovery after {'/'.join(map(str, steps))} requests (cul bench --probes all)"
+        title = f"recovery after {'/'.join(map(str, steps))} requests ({probes})"
         console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")
 
 

@@ -169,11 +169,13 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     summary = {"wording": {"mean": 0.125, "worst": 0.5, "worst_probe": "bare:red", "probes": 4}}
     after = {"ua": 0.6, "ra_in": 0.9, "ra_cross": 0.8, "ra_neighbour": 0.7, "fd_ratio": 1.4}
     robustness = {"method": "a", "sequence": "s.yaml", "steps": 2, "after": after, "summary": summary}
+    robustness["families"] = "wording"  # what its --probes was
     (tmp_path / "a" / "robustness.json").write_text(json.dumps(robustness))
     result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "table.md").read_text()
     attack = table.split("### Under attack")[1].split("###")[0]
+    assert attack.startswith(" (`cul bench --probes wording`)")  # the probes that ran, as they were asked for
     assert "| a | s.yaml | 2 | 60.0 | 90.0 | 80.0 | 70.0 | 1.40 | 50.0 / 12.5 | - |" in attack
     assert (tmp_path / "robustness.png").stat().st_size > 0
     summary, rest = table.split("### Under attack")[0], table.split("### At equal steps")[1]
