@@ -268,10 +268,10 @@ def process_request(
         outcome.metrics = a.metrics
         outcome.seconds_train += a.metrics.get("seconds_train", 0.0)
         outcome.seconds_eval += a.metrics.get("seconds_eval", 0.0)
-        m = StepMetrics.model_validate(a.metrics)
         tracker.log_attempt(attempt_run, a.metrics, verdict, spec.report_dir)
         tracker.close(attempt_run)
-        outcome.attempts.append(attempt_row(spec.attempt, spec.recipe, m, time.perf_counter() - started, verdict))
+        seconds = time.perf_counter() - started
+        outcome.attempts.append(attempt_row(spec.attempt, spec.recipe, a.scores, seconds, verdict))
         log(f"{request_id} attempt {spec.attempt}: {verdict.summary()}")
 
     if verdict.accepted and (now := _version(tracker.champion())) != parent_version:

@@ -302,6 +302,7 @@ class Attempt:
     spec: StepSpec
     metrics: dict
     verdict: Verdict
+    scores: StepMetrics  # `metrics` as the gate read them
 
 
 def run_attempts(
@@ -332,10 +333,9 @@ def run_attempts(
         tried = spec.model_copy(update={"attempt": attempt, "recipe": recipe})
         metrics = train(tried)
         probes = [ProbeResult.model_validate(r) for r in metrics.get("probes", [])]
-        verdict = gate.decide(
-            StepMetrics.model_validate(metrics), spec.forgotten + [metrics["concept"]], previous, probes
-        )
-        yield Attempt(tried, metrics, verdict)
+        scores = StepMetrics.model_validate(metrics)
+        verdict = gate.decide(scores, spec.forgotten + [metrics["concept"]], previous, probes)
+        yield Attempt(tried, metrics, verdict, scores)
         if verdict.accepted:
             return
         failed = [c.name for c in verdict.checks if not c.passed]
