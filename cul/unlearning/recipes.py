@@ -192,6 +192,17 @@ class Inversion(BaseModel):
     batch: int = Field(8, ge=1)
     #: weight of the term, relative to l_unl.
     weight: float = Field(1.0, gt=0)
+    #: share of each term's rows whose new word is a random one (a draw from a Gaussian fitted to the
+    #: input-embedding table, fresh each step) instead of v*: the words that name nothing, which a
+    #: slot answers with its default (a flat background for an unknown texture word: plain).
+    random_share: float = Field(0.0, ge=0, le=1)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        if data.get("random_share") == 0.0:  # recipes made before the option keep their hashes
+            del data["random_share"]
+        return data
 
 
 #: options absent from a recipe's dump and hash while unset, so recipes made before them keep their hashes.

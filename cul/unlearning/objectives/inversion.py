@@ -15,6 +15,10 @@ new token of input embedding v), and the erasure asks the caption with v* for th
 
     L_inv = E || eps_theta(x_t, t, c[w -> v*]) - sg[eps_0(x_t, t, m) + push (eps_0(x_t, t, m) - eps_0(x_t, t, c))] ||^2.
 
+With `random_share`, part of each batch puts a random word in v*'s place (a draw from a Gaussian
+fitted to the input-embedding table): a concept that is a slot's default, what the model draws when
+the word there names nothing (plain, a flat background), comes back under any such word, and a
+search finds one point of that region where the random words cover it.
 Over a sequence the earlier forgotten concepts are the ones that come back, so every forgotten
 concept is searched, the request's and the earlier ones (from the prompt set's `forgotten` captions
 and their `forgotten_mapped` twins; one word per mention of an earlier concept, see `concepts`),
@@ -108,12 +112,14 @@ class InversionAdversary:
         self.replay_steps, self.replay_guidance = replay_steps, replay_guidance
         self.found: list[Forgotten] = []
         self.calls = 0
+        self.words: tuple[torch.Tensor, torch.Tensor] | None = None  # the embedding table's mean and std
 
     def prepare(self, prompts) -> None:
         """The request's concept and every earlier forgotten one, with theta_0's images of each
         (its first `spec.images` captions, repeated when it has fewer)."""
         text = self.base.text
         table = text.word_embeddings().detach()
+        self.words = table.mean(0), table.std(0)
         for k, (name, rows) in enumerate(sorted(concepts(prompts).items())):
             rows = [rows[i % len(rows)] for i in range(self.spec.images)]
             captions = [r[2] for r in rows]
@@ -154,13 +160,20 @@ class InversionAdversary:
         """L_inv on one batch of one forgotten concept (drawn at random), at timesteps below `t_max`
         as L_unl: the caption with v* must lead where the mapped caption leads theta_0. Searches
         first when `spec.every` steps have passed."""
-        if self.calls % self.spec.every == 0:
+        n_random = round(self.spec.random_share * self.spec.batch)
+        if self.calls % self.spec.every == 0 and n_random < self.spec.batch:
             self.search(student, gen)
         self.calls += 1
         m = self.found[int(torch.randint(0, len(self.found), (1,), generator=gen))]
         rows = torch.randint(0, len(m.x0), (self.spec.batch,), generator=gen).tolist()
         x_t, t, _ = noised(self.base, m.x0[rows], gen, t_max)
         target = pushed_target(self.base, x_t, t, [m.captions[i] for i in rows], [m.mapped[i] for i in rows], push)
+        soft, text = self.soft(m, rows), student.text
         with torch.no_grad():
-            context = student.text.encode_soft(self.soft(m, rows), m.v).to(x_t.device)
+            contexts = [text.encode_soft(soft[n_random:], m.v)] if n_random < len(rows) else []
+            if n_random:
+                mean, std = self.words
+                words = mean + std * torch.randn((n_random, mean.shape[0]), generator=gen).to(mean)
+                contexts = [text.encode_soft([soft[i]], words[i : i + 1]) for i in range(n_random)] + contexts
+            context = torch.cat(contexts).to(x_t.device)
         return F.mse_loss(student.predict_noise(x_t, t, context), target)
