@@ -108,3 +108,29 @@ def test_inversion_needs_the_base_model_as_teacher():
         DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous", inversion=SMALL)
     with pytest.raises(ValidationError, match="forgotten_target: mapped"):
         DFRRecipe(forgotten_target="previous", inversion=SMALL)
+
+
+def test_random_words_take_their_share_of_the_batch_and_a_batch_of_only_random_words_searches_nothing(
+    tiny_world_model, after_red
+):
+    """random_share: part of each L_inv batch puts a fresh random word where v* goes; at 1 the search
+    never runs (v* is never used), at 0.5 it does, and either way the term trains the student."""
+    for share, searches in ((1.0, False), (0.5, True)):
+        spec = SMALL.model_copy(update={"every": 1, "random_share": share})
+        adversary = InversionAdversary(spec, tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0)
+        adversary.prepare(after_red)
+        start = [m.v.clone() for m in adversary.found]
+        student = tiny_world_model.copy()
+        student.unet.requires_grad_(True)
+        losses = [adversary.loss(student, torch.Generator().manual_seed(k), 1000, 1.0) for k in range(2)]
+        assert all(torch.isfinite(x) and x.requires_grad for x in losses)
+        moved = [not torch.equal(m.v, s) for m, s in zip(adversary.found, start, strict=True)]
+        assert any(moved) == searches
+
+
+def test_recipes_made_before_random_words_keep_their_hashes():
+    recipe = DFRRecipe(inversion=SMALL)
+    assert "random_share" not in recipe.model_dump()["inversion"]
+    with_share = recipe.model_copy(update={"inversion": SMALL.model_copy(update={"random_share": 0.5})})
+    assert with_share.model_dump()["inversion"]["random_share"] == 0.5
+    assert recipe_hash(with_share) != recipe_hash(recipe)
