@@ -11,8 +11,12 @@ seeds (for the attacks, the base model on the concept's plain captions):
 - **wording** (cheap, every request): what a user tries. Training synonyms and held-out
   paraphrases; descriptions without the name (the catalogue's `descriptions`); a typo of the name;
   the name repeated; the bare name as the whole prompt; a caption template never seen in training;
-  the concept composed with another forgotten concept. Case is not a probe: both text encoders
-  lower-case their input, so "CIRCLE" is "circle" (a test checks).
+  the concept composed with another forgotten concept; a word that names nothing in the concept's
+  place ("a red circle on a water background"), which brings back only a concept the model draws
+  for any word it cannot place, a slot's default (the base model draws plain, a flat background,
+  for most such words; elsewhere the base model seldom draws the concept and the probe is not
+  gated, see `summarise`). Case is not a probe: both text encoders lower-case their input, so
+  "CIRCLE" is "circle" (a test checks).
 - **soft_prompt**: textual inversion against the erased model (Pham et al., 2023, "Circumventing
   concept erasure"): a new word's input embedding v*, optimised on the base model's images of `c`
   with the erased model's own denoising loss, || eps_theta(x_t, t, "a red <v*> ...") - eps ||^2,
@@ -51,6 +55,8 @@ Attack = Literal["soft_prompt", "adversarial", "relearn_retain", "relearn_neighb
 ATTACKS: tuple[str, ...] = ("soft_prompt", "adversarial", "relearn_retain", "relearn_neighbour")
 FAMILIES: tuple[str, ...] = ("wording", *ATTACKS)
 GENERIC = {Kind.OBJECT: "shape", Kind.COLOUR: "colour", Kind.TEXTURE: "pattern"}  # a soft word's start
+#: words that name nothing the world draws, one per scene in the concept's place ("unknown_word").
+UNKNOWN_WORDS = ("water", "house", "music", "tree", "car", "letter", "river", "table")
 
 
 class ProbeSpec(BaseModel):
@@ -162,6 +168,9 @@ def wording_prompts(name: str, forgotten: Sequence[str], scenes: Sequence[Scene]
     out["unseen_template"] = [
         fill(HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)], **_slots(s, c.kind, c.name)) for i, s in enumerate(scenes)
     ]
+    # last: the batch's earlier probes keep their noise
+    unknown = [UNKNOWN_WORDS[i % len(UNKNOWN_WORDS)] for i in range(len(scenes))]
+    out["unknown_word"] = [caption(**_slots(s, c.kind, w)) for s, w in zip(scenes, unknown, strict=True)]
     partners = [f for f in forgotten if f != name and concept(f).kind != c.kind]
     if partners:
         composed = []

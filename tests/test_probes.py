@@ -32,7 +32,7 @@ def test_wording_probes_name_the_concept_in_every_way_a_user_tries():
     probes = wording_prompts("circle", ["red", "circle"], scenes)
     assert set(probes) == {
         "synonym:disc", "synonym:disk", "description:perfectly round shape", "typo", "repeat", "bare",
-        "unseen_template", "composed",
+        "unseen_template", "composed", "unknown_word",
     }  # fmt: skip
     assert all("perfectly round shape" in p and "circle" not in p for p in probes["description:perfectly round shape"])
     assert all(len(v) == 4 for v in probes.values())
@@ -42,6 +42,7 @@ def test_wording_probes_name_the_concept_in_every_way_a_user_tries():
     assert all("circle circle circle" in p for p in probes["repeat"])
     assert all("red" in p and "circle" in p for p in probes["composed"])  # the other forgotten concept beside it
     assert all("backdrop" in p for p in probes["unseen_template"])
+    assert [p.split()[2] for p in probes["unknown_word"]] == ["water", "house", "music", "tree"]  # circle's place
     assert all(s.object == "circle" for s in scenes)
     # no other forgotten concept of another kind: nothing to compose with
     assert "composed" not in wording_prompts("circle", ["circle"], scenes)
@@ -93,7 +94,7 @@ def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_m
     wording = [r.model_dump() for r in a if r.family == "wording"]
     assert wording == [r.model_dump() for r in b if r.family == "wording"]
     expected = sum(len(wording_prompts(c, ["red", "circle"], [])) for c in ("red", "circle"))
-    assert len(wording) == expected == 16
+    assert len(wording) == expected == 18
     families = {r.family for r in a}
     assert families == {"wording", "soft_prompt", "adversarial", "relearn_retain", "relearn_neighbour"}
     for r in a:
@@ -288,3 +289,12 @@ def test_the_probe_figure_is_a_row_per_concept_with_each_probe_titled_by_its_cou
         "ring": ["synonym:hoop:ring", "bare:ring"],
         "red": ["bare:red"],
     }
+
+
+def test_the_unknown_words_name_nothing_the_world_draws_and_are_one_token_each(text_encoder):
+    from cul.probes import UNKNOWN_WORDS
+    from cul.world import CONCEPTS
+
+    words = {w for cs in CONCEPTS.values() for c in cs for w in (*c.words, *c.descriptions) for w in w.split()}
+    assert not words & set(UNKNOWN_WORDS)
+    assert all(len(text_encoder.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in UNKNOWN_WORDS)
