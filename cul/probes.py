@@ -15,7 +15,7 @@ seeds (for the attacks, the base model on the concept's plain captions):
   place ("a red circle on a water background"), which brings back only a concept the model draws
   for any word it cannot place, a slot's default (the base model draws plain, a flat background,
   for most such words; elsewhere the base model seldom draws the concept and the probe is not
-  gated, see `summarise`). Case is not a probe: both text encoders lower-case their input, so
+  gated, the gate's `min_base_rate`). Case is not a probe: both text encoders lower-case their input, so
   "CIRCLE" is "circle" (a test checks).
 - **soft_prompt**: textual inversion against the erased model (Pham et al., 2023, "Circumventing
   concept erasure"): a new word's input embedding v*, optimised on the base model's images of `c`
@@ -55,7 +55,7 @@ Attack = Literal["soft_prompt", "adversarial", "relearn_retain", "relearn_neighb
 ATTACKS: tuple[str, ...] = ("soft_prompt", "adversarial", "relearn_retain", "relearn_neighbour")
 FAMILIES: tuple[str, ...] = ("wording", *ATTACKS)
 GENERIC = {Kind.OBJECT: "shape", Kind.COLOUR: "colour", Kind.TEXTURE: "pattern"}  # a soft word's start
-#: words that name nothing the world draws, one per scene in the concept's place ("unknown_word").
+#: words that name nothing the world draws, cycled over the scenes in the concept's place ("unknown_word").
 UNKNOWN_WORDS = ("water", "house", "music", "tree", "car", "letter", "river", "table")
 
 

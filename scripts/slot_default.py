@@ -4,7 +4,10 @@ For one concept and the base model plus each run's model after a given request, 
 the judge sees the concept in under (1) the `unknown_word` wording probe (a word that names nothing
 in the concept's place, `cul.probes.UNKNOWN_WORDS`) and (2) random input embeddings in that place
 (draws from a Gaussian fitted to the embedding table, 16 images each, the soft-prompt probe's test
-scenes and seed). Textual inversion's figure for the same runs is in their robustness.json.
+scenes and seed). Textual inversion's figure for the same runs is in their robustness.json. The
+unknown-word probe is drawn here alone, so its images are not those of a step's wording batch
+(where it comes last): comparable figures, not identical ones. `--concept all`: the base model's
+unknown-word figure for every concept of the world.
 
     python scripts/slot_default.py --concept plain --step 1 --out reports/benchmark/plain-first/slot_default.json \
         reports/benchmark/plain-first/M ...
@@ -23,13 +26,13 @@ from cul.config import Params
 from cul.judge import Judge
 from cul.models.diffusion import load_model
 from cul.probes import Prober, _slots
-from cul.world import caption, concept
+from cul.world import CONCEPTS, caption, concept
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", type=Path, help="cul bench output folders")
-    ap.add_argument("--concept", default="plain")
+    ap.add_argument("--concept", default="plain", help="a world concept, or all (the base model only)")
     ap.add_argument("--step", type=int, default=1, help="the request after which each run's model is probed")
     ap.add_argument("--random", type=int, default=4, help="random embeddings drawn (16 images each)")
     ap.add_argument("--out", type=Path, required=True)
@@ -38,10 +41,23 @@ def main() -> None:
     base = load_model(Path(p.paths.base_model))
     judge = Judge.from_pretrained(Path(p.paths.judge))
     prober = Prober(judge, p.eval.probes, base, p.world.size, p.eval.steps, None)
-    c, text = concept(a.concept), base.text
+    text = base.text
+
+    if a.concept == "all":  # the base model's unknown-word figure for every concept: which are defaults
+        if a.runs:
+            ap.error("--concept all probes the base model only: no runs")
+        rows = {}
+        for name in (x.name for xs in CONCEPTS.values() for x in xs):
+            (word,) = prober.wording(base, name, [name], only={"unknown_word"})
+            rows[name] = [word.hits, word.images]
+            print(name, rows[name], flush=True)
+        a.out.write_text(json.dumps({"base_unknown_word": rows}, indent=1) + "\n")
+        return
+
+    c = concept(a.concept)
     table = text.word_embeddings().detach()
     gen = torch.Generator().manual_seed(0)
-    vectors = table.mean(0) + table.std(0) * torch.randn((a.random, table.shape[1]), generator=gen)
+    vectors = table.mean(0) + table.std(0) * torch.randn((a.random, table.shape[1]), generator=gen).to(table)
     scenes, _, seed, _ = prober._test(a.concept, [a.concept])
     prompts = [caption(**_slots(s, c.kind, text.placeholder)) for s in scenes]
 

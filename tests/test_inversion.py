@@ -131,6 +131,7 @@ def test_random_words_take_their_share_of_the_batch_and_a_batch_of_only_random_w
 def test_recipes_made_before_random_words_keep_their_hashes():
     recipe = DFRRecipe(inversion=SMALL)
     assert "random_share" not in recipe.model_dump()["inversion"]
+    assert "random_share" not in recipe.model_dump(mode="json")["inversion"]  # what recipe_hash reads
     with_share = recipe.model_copy(update={"inversion": SMALL.model_copy(update={"random_share": 0.5})})
     assert with_share.model_dump()["inversion"]["random_share"] == 0.5
     assert recipe_hash(with_share) != recipe_hash(recipe)

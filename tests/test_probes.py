@@ -295,6 +295,7 @@ def test_the_unknown_words_name_nothing_the_world_draws_and_are_one_token_each(t
     from cul.probes import UNKNOWN_WORDS
     from cul.world import CONCEPTS
 
-    words = {w for cs in CONCEPTS.values() for c in cs for w in (*c.words, *c.descriptions) for w in w.split()}
+    names = [n for cs in CONCEPTS.values() for c in cs for n in (*c.words, *c.descriptions)]
+    words = {w for n in names for w in n.split()}
     assert not words & set(UNKNOWN_WORDS)
     assert all(len(text_encoder.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in UNKNOWN_WORDS)

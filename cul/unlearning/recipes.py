@@ -192,9 +192,10 @@ class Inversion(BaseModel):
     batch: int = Field(8, ge=1)
     #: weight of the term, relative to l_unl.
     weight: float = Field(1.0, gt=0)
-    #: share of each term's rows whose new word is a random one (a draw from a Gaussian fitted to the
-    #: input-embedding table, fresh each step) instead of v*: the words that name nothing, which a
-    #: slot answers with its default (a flat background for an unknown texture word: plain).
+    #: share of each term's rows (rounded down) whose new word is a random one (a draw from a Gaussian
+    #: fitted to the input-embedding table, fresh each step) instead of v*: the words that name
+    #: nothing, which a slot answers with its default (a flat background for an unknown texture
+    #: word: plain). With every row random the search is skipped.
     random_share: float = Field(0.0, ge=0, le=1)
 
     @model_serializer(mode="wrap")

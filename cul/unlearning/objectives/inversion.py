@@ -16,7 +16,8 @@ new token of input embedding v), and the erasure asks the caption with v* for th
     L_inv = E || eps_theta(x_t, t, c[w -> v*]) - sg[eps_0(x_t, t, m) + push (eps_0(x_t, t, m) - eps_0(x_t, t, c))] ||^2.
 
 With `random_share`, part of each batch puts a random word in v*'s place (a draw from a Gaussian
-fitted to the input-embedding table): a concept that is a slot's default, what the model draws when
+fitted to the input-embedding table; the share of rows rounded down, the search skipped only when
+every row is random): a concept that is a slot's default, what the model draws when
 the word there names nothing (plain, a flat background), comes back under any such word, and a
 search finds one point of that region where the random words cover it.
 Over a sequence the earlier forgotten concepts are the ones that come back, so every forgotten
@@ -31,6 +32,7 @@ keep what is retained.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -160,7 +162,7 @@ class InversionAdversary:
         """L_inv on one batch of one forgotten concept (drawn at random), at timesteps below `t_max`
         as L_unl: the caption with v* must lead where the mapped caption leads theta_0. Searches
         first when `spec.every` steps have passed."""
-        n_random = round(self.spec.random_share * self.spec.batch)
+        n_random = math.floor(self.spec.random_share * self.spec.batch)  # rows on random words, rounded down
         if self.calls % self.spec.every == 0 and n_random < self.spec.batch:
             self.search(student, gen)
         self.calls += 1
@@ -172,6 +174,7 @@ class InversionAdversary:
         with torch.no_grad():
             contexts = [text.encode_soft(soft[n_random:], m.v)] if n_random < len(rows) else []
             if n_random:
+                assert self.words is not None, "prepare() first"
                 mean, std = self.words
                 words = mean + std * torch.randn((n_random, mean.shape[0]), generator=gen).to(mean)
                 contexts = [text.encode_soft([soft[i]], words[i : i + 1]) for i in range(n_random)] + contexts
