@@ -15,8 +15,8 @@ seeds (for the attacks, the base model on the concept's plain captions):
   place ("a red circle on a water background"), which brings back only a concept the model draws
   for any word it cannot place, a slot's default (the base model draws plain, a flat background,
   for most such words; elsewhere the base model seldom draws the concept and the probe is not
-  gated, the gate's `min_base_rate`). Case is not a probe: both text encoders lower-case their input, so
-  "CIRCLE" is "circle" (a test checks).
+  gated, the gate's `min_base_rate`). Case is not a probe: both text encoders lower-case their
+  input, so "CIRCLE" is "circle" (a test checks).
 - **soft_prompt**: textual inversion against the erased model (Pham et al., 2023, "Circumventing
   concept erasure"): a new word's input embedding v*, optimised on the base model's images of `c`
   with the erased model's own denoising loss, || eps_theta(x_t, t, "a red <v*> ...") - eps ||^2,

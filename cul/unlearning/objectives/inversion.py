@@ -160,8 +160,9 @@ class InversionAdversary:
 
     def loss(self, student, gen: torch.Generator, t_max: int, push: float) -> torch.Tensor:
         """L_inv on one batch of one forgotten concept (drawn at random), at timesteps below `t_max`
-        as L_unl: the caption with v* must lead where the mapped caption leads theta_0. Searches
-        first when `spec.every` steps have passed."""
+        as L_unl: the caption with v* (or, on `random_share` of the rows, a random word) must lead
+        where the mapped caption leads theta_0. Searches first when `spec.every` steps have passed,
+        unless every row is random."""
         n_random = math.floor(self.spec.random_share * self.spec.batch)  # rows on random words, rounded down
         if self.calls % self.spec.every == 0 and n_random < self.spec.batch:
             self.search(student, gen)
