@@ -138,7 +138,9 @@ def _scenes(c, n: int, offset: int = 0) -> list[Scene]:
     return out
 
 
-def _slots(s: Scene, kind: Kind, word: str) -> dict[str, str]:
+def slots(s: Scene, kind: Kind, word: str) -> dict[str, str]:
+    """The scene's object, colour and texture (`caption`'s keyword arguments) with `word` in the slot
+    of `kind`."""
     parts = {"o": s.object, "c": s.colour, "t": s.texture}
     parts[kind.value[0]] = word
     return parts
@@ -159,26 +161,26 @@ def wording_prompts(name: str, forgotten: Sequence[str], scenes: Sequence[Scene]
     c = concept(name)
     out: dict[str, list[str]] = {}
     for word in c.words[1:]:
-        out[f"synonym:{word}"] = [caption(**_slots(s, c.kind, word)) for s in scenes]
+        out[f"synonym:{word}"] = [caption(**slots(s, c.kind, word)) for s in scenes]
     for words in c.descriptions:
-        out[f"description:{words}"] = [caption(**_slots(s, c.kind, words)) for s in scenes]
-    out["typo"] = [caption(**_slots(s, c.kind, typo(c.name))) for s in scenes]
-    out["repeat"] = [caption(**_slots(s, c.kind, " ".join([c.name] * 3))) for s in scenes]
+        out[f"description:{words}"] = [caption(**slots(s, c.kind, words)) for s in scenes]
+    out["typo"] = [caption(**slots(s, c.kind, typo(c.name))) for s in scenes]
+    out["repeat"] = [caption(**slots(s, c.kind, " ".join([c.name] * 3))) for s in scenes]
     out["bare"] = [c.name] * len(scenes)
     out["unseen_template"] = [
-        fill(HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)], **_slots(s, c.kind, c.name)) for i, s in enumerate(scenes)
+        fill(HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)], **slots(s, c.kind, c.name)) for i, s in enumerate(scenes)
     ]
     # last: the batch's earlier probes keep their noise
     unknown = [UNKNOWN_WORDS[i % len(UNKNOWN_WORDS)] for i in range(len(scenes))]
-    out["unknown_word"] = [caption(**_slots(s, c.kind, w)) for s, w in zip(scenes, unknown, strict=True)]
+    out["unknown_word"] = [caption(**slots(s, c.kind, w)) for s, w in zip(scenes, unknown, strict=True)]
     partners = [f for f in forgotten if f != name and concept(f).kind != c.kind]
     if partners:
         composed = []
         for i, s in enumerate(scenes):
             p = concept(partners[i % len(partners)])
-            slots = _slots(s, c.kind, c.name)
-            slots[p.kind.value[0]] = p.name
-            composed.append(caption(**slots))
+            parts = slots(s, c.kind, c.name)
+            parts[p.kind.value[0]] = p.name
+            composed.append(caption(**parts))
         out["composed"] = composed
     return out
 
@@ -232,7 +234,8 @@ class Prober:
     def hits(self, images: torch.Tensor, name: str) -> int:
         return int(self.seen(images, name).sum())
 
-    def _sample(self, model, prompts: list[str], seed: int, context: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, model, prompts: list[str], seed: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """`model`'s images of `prompts` at `seed`, drawn as every probe draws them (`context`: soft prompts)."""
         return model.sample(prompts, seed=seed, steps=self.sample_steps, context=context)
 
     def _save(self) -> None:
@@ -247,7 +250,7 @@ class Prober:
     def _base(self, prompts: list[str], seed: int, name: str) -> int:
         key = self._batch_key(prompts, seed, name)
         if key not in self._base_hits:
-            self._base_hits[key] = self.hits(self._sample(self.base, prompts, seed), name)
+            self._base_hits[key] = self.hits(self.sample(self.base, prompts, seed), name)
             self._save()
         return int(self._base_hits[key])
 
@@ -255,11 +258,11 @@ class Prober:
     def _group(self, model, name: str, probes: dict[str, list[str]], seed: int, n: int) -> list[ProbeResult]:
         """The probes of one concept drawn in one batch (base and model: the same prompts and noise)."""
         prompts = [p for ps in probes.values() for p in ps]
-        images = self._sample(model, prompts, seed)
+        images = self.sample(model, prompts, seed)
         seen = self.seen(images, name)
         key = self._batch_key(prompts, seed, name)
         if key not in self._base_hits:
-            base_seen = self.seen(self._sample(self.base, prompts, seed), name)
+            base_seen = self.seen(self.sample(self.base, prompts, seed), name)
             self._base_hits[key] = [int(x) for x in base_seen]
             self._save()
         base_seen = np.array(self._base_hits[key], dtype=bool)
@@ -290,9 +293,9 @@ class Prober:
         """The base model's images of `name` that the attacks learn from."""
         scenes = _scenes(concept(name), self.spec.attack_images, offset=1000)
         prompts = [caption(s.object, s.colour, s.texture) for s in scenes]
-        return scenes, self._sample(self.base, prompts, _seed(self.spec, "attack-data", name))
+        return scenes, self.sample(self.base, prompts, _seed(self.spec, "attack-data", name))
 
-    def _test(self, name: str, forgotten: Sequence[str]) -> tuple[list[Scene], list[str], int, int]:
+    def attack_test(self, name: str, forgotten: Sequence[str]) -> tuple[list[Scene], list[str], int, int]:
         """Held-out scenes of an attack, their plain captions, the seed, and the base model's hits."""
         scenes = _scenes(concept(name), self.spec.images, offset=2000)
         plain = [caption(s.object, s.colour, s.texture) for s in scenes]
@@ -312,7 +315,7 @@ class Prober:
         c, text = concept(name), model.text
         scenes, images = self._train_images(name, forgotten)
         ph = text.placeholder
-        train = [caption(**_slots(s, c.kind, ph)) for s in scenes]
+        train = [caption(**slots(s, c.kind, ph)) for s in scenes]
         table = text.word_embeddings()
         start = table[text.tokenizer(GENERIC[c.kind], add_special_tokens=False).input_ids[0]]
         v = start.detach().clone().unsqueeze(0).requires_grad_(True)
@@ -324,11 +327,11 @@ class Prober:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        test_scenes, plain, seed, base_hits = self._test(name, forgotten)
-        prompts = [caption(**_slots(s, c.kind, ph)) for s in test_scenes]
+        test_scenes, plain, seed, base_hits = self.attack_test(name, forgotten)
+        prompts = [caption(**slots(s, c.kind, ph)) for s in test_scenes]
         with torch.no_grad():
             ctx = text.encode_soft(prompts, v.detach())
-        images = self._sample(model, prompts, seed, context=ctx)
+        images = self.sample(model, prompts, seed, context=ctx)
         self.samples[f"soft_prompt:{name}"] = images[:4]
         hits = self.hits(images, name)
         return ProbeResult(probe="soft_prompt", family="soft_prompt", concept=name, hits=hits, images=len(prompts),
@@ -377,9 +380,9 @@ class Prober:
             loss.backward()
             opt.step()
         words = text.tokenizer.decode(best.tolist())
-        _, plain, seed, base_hits = self._test(name, forgotten)
+        _, plain, seed, base_hits = self.attack_test(name, forgotten)
         prompts = [f"{words} {x}" for x in plain]
-        images = self._sample(model, prompts, seed)
+        images = self.sample(model, prompts, seed)
         self.samples[f"adversarial:{name}"] = images[:4]
         hits = self.hits(images, name)
         return ProbeResult(probe="adversarial", family="adversarial", concept=name, hits=hits, images=len(prompts),
@@ -416,8 +419,8 @@ class Prober:
             loss.backward()
             opt.step()
         student.unet.eval().requires_grad_(False)
-        _, plain, seed, base_hits = self._test(name, forgotten)
-        images = self._sample(student, plain, seed)
+        _, plain, seed, base_hits = self.attack_test(name, forgotten)
+        images = self.sample(student, plain, seed)
         self.samples[f"relearn_{data}:{name}"] = images[:4]
         hits = self.hits(images, name)
         how = f"{spec.relearn_steps} steps on {data} data, then: {plain[0]}"

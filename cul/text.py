@@ -113,18 +113,23 @@ class TextEncoder:
         return self.model.get_input_embeddings().weight
 
     def encode_soft(self, prompts: Sequence[str], vectors: torch.Tensor) -> torch.Tensor:
-        """[B, max_length, dim] hidden states with gradients to `vectors` ([K, dim]): the k-th
-        occurrence of `placeholder` in a prompt has its input embedding replaced by vectors[k]
-        (textual inversion's new word, or an attack's tokens). Not cached."""
+        """[B, max_length, dim] hidden states with gradients to `vectors`: the k-th occurrence of
+        `placeholder` in a prompt has its input embedding replaced by vectors[k] ([K, dim], the same
+        words in every prompt: textual inversion's new word, or an attack's tokens) or, for prompt b,
+        by vectors[b, k] ([B, K, dim], words of each prompt's own). Not cached."""
         tok = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         ids = tok.input_ids.to(self.device)
         is_slot = ids == self.placeholder_id
-        slot = (is_slot.cumsum(1) - 1).clamp(min=0, max=len(vectors) - 1)
+        if vectors.dim() == 3 and len(vectors) != len(ids):
+            raise ValueError(f"{len(ids)} prompts but words for {len(vectors)}")
+        slot = (is_slot.cumsum(1) - 1).clamp(min=0, max=vectors.shape[-2] - 1)
+        rows = torch.arange(len(ids), device=ids.device).unsqueeze(1)
+        words = (lambda v: v[rows, slot]) if vectors.dim() == 3 else (lambda v: v[slot])
 
         def swap(_module, _inputs, output):
-            return torch.where(is_slot.unsqueeze(-1), vectors.to(output.dtype)[slot], output)
+            return torch.where(is_slot.unsqueeze(-1), words(vectors.to(output.dtype)), output)
 
         handle = self.model.get_input_embeddings().register_forward_hook(swap)
         try:

@@ -25,7 +25,7 @@ from cul.benchmark import step_unet
 from cul.config import Params
 from cul.judge import Judge
 from cul.models.diffusion import load_model
-from cul.probes import Prober, _slots
+from cul.probes import Prober, slots
 from cul.world import CONCEPTS, caption, concept
 
 
@@ -58,8 +58,8 @@ def main() -> None:
     table = text.word_embeddings().detach()
     gen = torch.Generator().manual_seed(0)
     vectors = table.mean(0) + table.std(0) * torch.randn((a.random, table.shape[1]), generator=gen).to(table)
-    scenes, _, seed, _ = prober._test(a.concept, [a.concept])
-    prompts = [caption(**_slots(s, c.kind, text.placeholder)) for s in scenes]
+    scenes, _, seed, _ = prober.attack_test(a.concept, [a.concept])
+    prompts = [caption(**slots(s, c.kind, text.placeholder)) for s in scenes]
 
     def measure(model) -> dict:
         (word,) = prober.wording(model, a.concept, [a.concept], only={"unknown_word"})
@@ -67,7 +67,7 @@ def main() -> None:
         for v in vectors:
             with torch.no_grad():
                 ctx = text.encode_soft(prompts, v.unsqueeze(0))
-            hits.append(prober.hits(prober._sample(model, prompts, seed, context=ctx), a.concept))
+            hits.append(prober.hits(prober.sample(model, prompts, seed, context=ctx), a.concept))
         return {"unknown_word": [word.hits, word.images], "random_embeddings": hits, "images_each": len(prompts)}
 
     out = {"concept": a.concept, "step": a.step, "base": measure(base)}

@@ -75,6 +75,20 @@ def test_a_soft_word_equal_to_a_real_word_reproduces_its_prompt_exactly(text_enc
     assert not torch.allclose(other, real, atol=1e-3)
 
 
+def test_words_of_each_prompts_own_encode_as_each_prompt_on_its_own(text_encoder):
+    """Vectors [B, K, dim] give prompt b the words vectors[b]: one call, the same encodings as one
+    call per prompt (the inversion term's random words)."""
+    ph = text_encoder.placeholder
+    prompts = [f"a red {ph} on a striped background", f"a {ph} square on a {ph} background"]
+    words = torch.randn(2, 2, text_encoder.word_embeddings().shape[1])
+    together = text_encoder.encode_soft(prompts, words)
+    for b, prompt in enumerate(prompts):
+        torch.testing.assert_close(together[b : b + 1], text_encoder.encode_soft([prompt], words[b]))
+    assert not torch.allclose(together[0], text_encoder.encode_soft(prompts[:1], words[1])[0], atol=1e-3)
+    with pytest.raises(ValueError, match="2 prompts but words for 1"):
+        text_encoder.encode_soft(prompts, words[:1])
+
+
 @pytest.mark.slow(seconds=50)
 def test_probes_run_end_to_end_and_the_same_weights_give_the_same_figures(base_model, judge, tmp_path):
     """Every family on a real model (budgets cut to seconds). The wording probes are deterministic

@@ -171,6 +171,16 @@ class Adversarial(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
+def drop_unset(data: dict, unset: dict[str, object]) -> dict:
+    """`data` (a model's dump) without the options in `unset` that hold their unset value: an option
+    added to a recipe stays out of its dump and hash until it is set, so recipes made before it keep
+    their hashes."""
+    for key, value in unset.items():
+        if key in data and data[key] == value:
+            del data[key]
+    return data
+
+
 class Inversion(BaseModel):
     """Erasure against textual inversion (STEREO's search stage, Srivatsan et al., 2025): every
     `every` training steps, textual inversion of each forgotten concept (the request's and the
@@ -200,13 +210,10 @@ class Inversion(BaseModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        data = handler(self)
-        if data.get("random_share") == 0.0:  # recipes made before the option keep their hashes
-            del data["random_share"]
-        return data
+        return drop_unset(handler(self), {"random_share": 0.0})
 
 
-#: options absent from a recipe's dump and hash while unset, so recipes made before them keep their hashes.
+#: options absent from a recipe's dump and hash while unset (None), so recipes made before them keep their hashes.
 UNSET_OPTIONS = ("adversarial", "inversion", "resteer_images", "surrogate_push")
 
 
@@ -218,11 +225,7 @@ class AdversarialOption(BaseModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset_options(self, handler):
-        data = handler(self)
-        for key in UNSET_OPTIONS:
-            if key in data and data[key] is None:
-                del data[key]
-        return data
+        return drop_unset(handler(self), dict.fromkeys(UNSET_OPTIONS))
 
 
 class DFRRecipe(AdversarialOption, RecipeBase):

@@ -177,7 +177,7 @@ class InversionAdversary:
             if n_random:
                 assert self.words is not None, "prepare() first"
                 mean, std = self.words
-                words = mean + std * torch.randn((n_random, mean.shape[0]), generator=gen).to(mean)
-                contexts = [text.encode_soft([soft[i]], words[i : i + 1]) for i in range(n_random)] + contexts
+                words = mean + std * torch.randn((n_random, 1, mean.shape[0]), generator=gen).to(mean)
+                contexts = [text.encode_soft(soft[:n_random], words), *contexts]  # one word per row
             context = torch.cat(contexts).to(x_t.device)
         return F.mse_loss(student.predict_noise(x_t, t, context), target)
