@@ -122,14 +122,15 @@ class TextEncoder:
         )
         ids = tok.input_ids.to(self.device)
         is_slot = ids == self.placeholder_id
-        if vectors.dim() == 3 and len(vectors) != len(ids):
+        if vectors.dim() == 2:  # the same words in every prompt
+            vectors = vectors.expand(len(ids), -1, -1)
+        if len(vectors) != len(ids):
             raise ValueError(f"{len(ids)} prompts but words for {len(vectors)}")
-        slot = (is_slot.cumsum(1) - 1).clamp(min=0, max=vectors.shape[-2] - 1)
+        slot = (is_slot.cumsum(1) - 1).clamp(min=0, max=vectors.shape[1] - 1)
         rows = torch.arange(len(ids), device=ids.device).unsqueeze(1)
-        words = (lambda v: v[rows, slot]) if vectors.dim() == 3 else (lambda v: v[slot])
 
         def swap(_module, _inputs, output):
-            return torch.where(is_slot.unsqueeze(-1), words(vectors.to(output.dtype)), output)
+            return torch.where(is_slot.unsqueeze(-1), vectors.to(output.dtype)[rows, slot], output)
 
         handle = self.model.get_input_embeddings().register_forward_hook(swap)
         try:
