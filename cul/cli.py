@@ -450,6 +450,8 @@ def _print_steps(results: list[dict], seconds: float, p: Params) -> None:
 
     for r in results:
         outcome = "no-op" if r.get("noop") else f"v{r['version']} {r['step']}" if r["accepted"] else "review"
+        if r.get("attempts", 0) > 1:
+            outcome += f" ({r['attempts']} tries)"
         took = (f"{r['seconds_step']:.0f}/" if r.get("seconds_step") else "") + f"{r.get('seconds_total', 0):.0f}"
         t.add_row(
             r["request"],

@@ -115,10 +115,11 @@ class RequestOutcome:
         out: dict = {"request": self.request, "accepted": self.accepted, "version": self.version}
         if self.noop:
             return {**out, "noop": True}
+        out["attempts"] = len(self.attempts)
         if self.accepted:
             out.update(step=self.step, **self.dvc)
         else:
-            out.update(reasons=self.reasons, attempts=len(self.attempts))
+            out["reasons"] = self.reasons
         seconds = {
             "seconds_step": round(self.seconds_prepare + self.seconds_train, 1),  # data, replay and training
             "seconds_eval": round(self.seconds_eval, 1),

@@ -73,6 +73,7 @@ def main() -> None:
                 for k in (
                     "request",
                     "accepted",
+                    "attempts",
                     "version",
                     "ua",
                     "ra_in",

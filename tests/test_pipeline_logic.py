@@ -132,6 +132,7 @@ def test_the_summary_counts_what_this_run_spent_not_what_reused_data_once_cost(p
     assert out.seconds_prepare < 1.0
     assert summary["seconds_step"] == pytest.approx(round(out.seconds_prepare + 2 * 3.0, 1))  # two attempts
     assert summary["seconds_eval"] == 2.0
+    assert summary["attempts"] == 2 and summary["accepted"]  # cul run's table and bench_pipeline show it
 
 
 class PromotedDuringTheStep(Runner):
