@@ -13,6 +13,7 @@ another recipe). Every entry of `results.json` records the recipe, its hash and 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,8 +107,8 @@ def _load_results(
             f"{results_file} was judged under other evaluation settings ({', '.join(sorted(recorded))}; this run: "
             f"{json.dumps(evaluation, sort_keys=True)}), e.g. another --stride: give this run its own --out folder"
         )
-    made_by = {r.get("recipe_hash") for r in results}
-    if results and made_by != {recipe_hash(recipe)}:
+    made_by = {r.get("recipe_hash") for r in results if "inherited_from" not in r}
+    if made_by and made_by != {recipe_hash(recipe)}:
         raise BenchmarkError(
             f"{results_file} was made by another recipe (hash {', '.join(sorted(map(str, made_by)))}, this one "
             f"{recipe_hash(recipe)}): give this recipe its own name or --out folder"
@@ -131,6 +132,37 @@ def _load_results(
         )
         results = []
     return results
+
+
+def branch_results(source: Path, after: int, out: Path) -> None:
+    """Start OUT as a branch of the gated run in `source`: OUT/results.json begins with the first
+    `after` entries of source's, each marked `inherited_from` and naming its champion where source
+    keeps it, so the run continues from source's champion after request `after` under another
+    recipe. Refused if source has no such request or its champion's weights are gone; a branch
+    already started (its first entries inherited from the same source) is left as it is."""
+    mine = out / "results.json"
+    if mine.exists():
+        have = json.loads(mine.read_text())
+        if len(have) < after or any(r.get("inherited_from") != str(source) for r in have[:after]):
+            raise BenchmarkError(f"{mine} exists and is not a branch of {source} after request {after}")
+        return
+    try:
+        theirs = json.loads((source / "results.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{source}/results.json cannot be read ({e})") from e
+    if len(theirs) < after:
+        raise BenchmarkError(f"{source} has {len(theirs)} requests, not the {after} to branch after")
+    if any(r.get("mode") != "gated" for r in theirs[:after]):
+        raise BenchmarkError(f"{source} is not a gated run: only a gated run's champions can be branched from")
+    entries = []
+    for r in theirs[:after]:
+        champion = r["champion"] if r["champion"] == "base" else os.path.relpath(source / r["champion"], out)
+        entries.append({**r, "champion": champion, "inherited_from": str(source)})
+    last = theirs[after - 1]["champion"]
+    if last != "base" and not (source / last).exists():
+        raise BenchmarkError(f"{source}'s champion after request {after} is not on disk ({source / last})")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, entries)
 
 
 def write_results(out: Path, results: list[dict]) -> None:

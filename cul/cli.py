@@ -636,6 +636,11 @@ def bench(
         "(params.yaml's pipeline); a rejected request leaves the champion as it was.",
     ),
     model: Path | None = typer.Option(None, help="Starting model (default: the base model)."),
+    branch: str | None = typer.Option(
+        None,
+        help="With --gated: RUN:K starts from the champion the gated run in folder RUN had after its request K "
+        "(its first K entries are copied into OUT, marked inherited_from) and goes on with this recipe.",
+    ),
     probes: str | None = typer.Option(
         None,
         help="After the last request: robustness probes on every forgotten concept (comma-separated "
@@ -665,6 +670,12 @@ def bench(
         raise typer.BadParameter(
             "--gated starts from params.yaml's base model and judges the champion after every request"
         )
+    branch_from: tuple[Path, int] | None = None
+    if branch:
+        source, _, after = branch.rpartition(":")
+        if not gated or not source or not after.isdigit() or int(after) < 1:
+            raise typer.BadParameter(f"--branch {branch!r}: give it as RUN_FOLDER:K (K a request number) with --gated")
+        branch_from = (Path(source), int(after))
     eval_spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     folder = name
     if order_seed is not None:
@@ -689,6 +700,10 @@ def bench(
     else:
         evaluator = _evaluator(p, catalogue, eval_spec, base)
     try:
+        if branch_from:
+            from cul.benchmark import branch_results
+
+            branch_results(*branch_from, out)
         if gated:
             from cul.gated import run_gated_sequence
 

@@ -98,7 +98,8 @@ def run_gated_sequence(
         evaluation=evaluator.settings(),
     )
     settings, gate_hash = gate_settings(params)
-    if results and {r.get("gate_hash") for r in results} != {gate_hash}:
+    gated_here = {r.get("gate_hash") for r in results if "inherited_from" not in r}
+    if gated_here and gated_here != {gate_hash}:
         raise BenchmarkError(
             f"{out / 'results.json'} was gated under other settings (pipeline.gate, escalation, eval_stride or "
             "eval in the params file): give this run its own --out folder"

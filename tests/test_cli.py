@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -254,6 +255,44 @@ def test_an_unreadable_results_file_is_refused_with_a_message(tmp_path):
     (tmp_path / "results.json").write_text('[{"step": 1, "concept"')  # cut short
     with pytest.raises(BenchmarkError, match="not readable JSON.*move it away"):
         _load_results(tmp_path, DFRRecipe(), "dfr", print)
+
+
+def test_a_branch_starts_from_another_gated_runs_champion_and_goes_on_under_its_own_recipe(tmp_path):
+    from cul.benchmark import BenchmarkError, _load_results, branch_results
+    from cul.unlearning.recipes import DFRRecipe
+
+    source, out = tmp_path / "a" / "run", tmp_path / "b" / "branch"
+    entries = [
+        {"step": k, "mode": "gated", "recipe_hash": "other", "champion": f"steps/0{k}/attempt-0/model"}
+        for k in (1, 2, 3)
+    ]
+    source.mkdir(parents=True)
+    (source / "results.json").write_text(json.dumps(entries))
+    with pytest.raises(BenchmarkError, match="not on disk"):
+        branch_results(source, 2, out)
+    (source / "steps/02/attempt-0/model").mkdir(parents=True)
+    branch_results(source, 2, out)
+    made = json.loads((out / "results.json").read_text())
+    assert [e["step"] for e in made] == [1, 2] and {e["inherited_from"] for e in made} == {str(source)}
+    assert (out / made[-1]["champion"]).resolve() == (source / "steps/02/attempt-0/model").resolve()
+    # another recipe goes on from there; only its own entries must share its hash
+    kept = _load_results(out, DFRRecipe(), "dfr", print, mode="gated", weights=lambda rs: out / rs[-1]["champion"])
+    assert len(kept) == 2
+    branch_results(source, 2, out)  # started already: left as it is
+    with pytest.raises(BenchmarkError, match="not a branch of"):
+        branch_results(source, 3, out)
+    with pytest.raises(BenchmarkError, match="has 3 requests"):
+        branch_results(source, 4, tmp_path / "c")
+    (source / "results.json").write_text(json.dumps([{**e, "mode": "plain"} for e in entries]))
+    with pytest.raises(BenchmarkError, match="not a gated run"):
+        branch_results(source, 2, tmp_path / "d")
+
+
+@pytest.mark.parametrize("args", [["--branch", "reports/x:2"], ["--gated", "--branch", "reports/x"]])
+def test_bench_refuses_a_branch_it_cannot_read_before_loading_a_model(root, monkeypatch, args):
+    monkeypatch.chdir(root)
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and "RUN_FOLDER:K" in result.output
 
 
 def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back():

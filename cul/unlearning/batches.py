@@ -4,7 +4,8 @@
 `ReplayBuffer`, or online per batch as DFR does); `Batches` draws seeded forget and retain batches
 from them. Under `retain_teacher: base` the retain prompts come in two sources: "retain"
 (theta_{k-1}'s samples of the earlier forgotten concepts' prompts) and "retain_base" (theta_0's
-samples of the rest).
+samples of the rest), and under `forgotten_images: both` a third, "retain_gone_base" (theta_0's
+samples of the earlier forgotten concepts' prompts: the concepts as they were erased).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def replay_sources(
             wanted["retain"] = (prompts.retain_prompts(), teacher)
     for name in forget_sources[1:]:  # after the retain sources, whose seeds stay as they were
         wanted[name] = by_source[name]
+    if recipe.replays_retained() and getattr(recipe, "forgotten_images", "previous") == "both":
+        wanted["retain_gone_base"] = (split_retain(prompts)[1], keep_teacher)  # last: the others' seeds stay
     sources: dict[str, Source] = {}
     for i, (name, (plist, model)) in enumerate(wanted.items()):
         if not plist:
@@ -114,6 +117,8 @@ class Batches:
             self.pool = [("retain_base", p, i) for i, p in enumerate(kept)] + [
                 ("retain", p, i) for i, p in enumerate(gone)
             ]
+            if getattr(recipe, "forgotten_images", "previous") == "both":
+                self.pool += [("retain_gone_base", p, i) for i, p in enumerate(gone)]
         else:
             self.pool = [("retain", p, i) for i, p in enumerate(prompts.retain_prompts())]
         self.n_kept = sum(1 for src, _, _ in self.pool if src == "retain_base") * self.copies
@@ -152,14 +157,14 @@ class Batches:
                 + (self.n_kept + torch.randint(0, self.n_gone, (self.fixed_gone,), generator=gen)).tolist()
             )
         out = []
-        for name in ("retain", "retain_base"):
+        for name in ("retain", "retain_base", "retain_gone_base"):
             picked = [
                 (self.pool[i // c][1], self.pool[i // c][2] * c + i % c) for i in idx if self.pool[i // c][0] == name
             ]
             if picked:
                 targets = (
                     [self.gone_targets[j // c] for _, j in picked]
-                    if name == "retain" and self.gone_targets is not None
+                    if name != "retain_base" and self.gone_targets is not None
                     else None
                 )
                 batch = RetainBatch([p for p, _ in picked], self.sources[name].take([j for _, j in picked]), targets)

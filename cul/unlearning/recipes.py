@@ -213,8 +213,12 @@ class Inversion(BaseModel):
         return drop_unset(handler(self), {"random_share": 0.0})
 
 
-#: options absent from a recipe's dump and hash while unset (None), so recipes made before them keep their hashes.
-UNSET_OPTIONS = ("adversarial", "inversion", "resteer_images", "surrogate_push")
+#: options absent from a recipe's dump and hash while unset (at these values), so recipes made before them keep
+#: their hashes.
+UNSET_OPTIONS: dict[str, object] = {
+    **dict.fromkeys(("adversarial", "inversion", "resteer_images", "surrogate_push")),
+    "forgotten_images": "previous",
+}
 
 
 class AdversarialOption(BaseModel):
@@ -225,7 +229,7 @@ class AdversarialOption(BaseModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset_options(self, handler):
-        return drop_unset(handler(self), dict.fromkeys(UNSET_OPTIONS))
+        return drop_unset(handler(self), UNSET_OPTIONS)
 
 
 class DFRRecipe(AdversarialOption, RecipeBase):
@@ -259,6 +263,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
+    #: with forgotten_target mapped, the images the earlier forgotten concepts' replay noises:
+    #: "previous" (theta_{k-1}'s samples of their prompts, which show their surrogates now) or "both"
+    #: (those, and as many of theta_0's, which show the concepts themselves; on these the target is
+    #: L_unl's, pushed by `push`, so each earlier erasure is made again where it was first made).
+    forgotten_images: Literal["previous", "both"] = "previous"
     #: erasure against textual inversion (None: off); see `Inversion`. Needs retain_teacher base.
     inversion: Inversion | None = None
     #: the images the re-steering term noises. None: DFR's, the teacher's samples of the forget
@@ -291,6 +300,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
                 raise ValueError("forgotten_share only applies with retain_teacher: base (set it to null)")
             if self.forgotten_target != "previous":
                 raise ValueError("forgotten_target: mapped only applies with retain_teacher: base")
+        if self.forgotten_images != "previous" and (self.retain_teacher != "base" or self.forgotten_target != "mapped"):
+            raise ValueError(
+                "forgotten_images: both needs retain_teacher: base and forgotten_target: mapped (theta_0 draws "
+                "the forgotten concepts, and their mapped captions give the targets)"
+            )
         if self.inversion is not None and (self.retain_teacher != "base" or self.forgotten_target != "mapped"):
             raise ValueError(
                 "inversion needs retain_teacher: base and forgotten_target: mapped (theta_0 draws the "

@@ -27,7 +27,8 @@ the forget prompt's under which theta draws the concept again. `inversion` (STER
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
 concept must lead to the surrogate too. `resteer_images` noises the surrogate's images in L_unl
 instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)), pushed by
-`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)).
+`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)). `forgotten_images: both` replays
+each earlier forgotten concept on theta_0's images of it too, with L_unl's pushed target.
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: 
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 
+def rehold_loss(student, teacher, r: RetainBatch, gen: torch.Generator, push: float):
+    """L_unl again for earlier forgotten concepts, on theta_0's images of their prompts (`forgotten_images:
+    both`): their captions must lead where their mapped captions do, pushed away from the concept."""
+    assert r.targets is not None, "earlier forgotten concepts' images without their mapped captions"
+    x_t, t, _ = noised(teacher, r.x0, gen)
+    target = pushed_target(teacher, x_t, t, r.prompts, r.targets, push)
+    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(r.prompts)), target)
+
+
 def coverage_loss(student, teacher, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
     """L_pres on replayed images noised again and paired with captions that have no images."""
     idx = torch.randint(0, len(captions), (x0.shape[0],), generator=gen).tolist()
@@ -143,7 +153,13 @@ class DFR:
         if r.l_pres > 0 and batches.has_retain:
             parts = batches.retain(gen)
             terms["pres"] = sum(
-                share * replay_loss(student, self.teachers[name], rb, gen, r.replay_uncond) for name, rb, share in parts
+                share
+                * (
+                    rehold_loss(student, self.keep, rb, gen, r.push)
+                    if name == "retain_gone_base"
+                    else replay_loss(student, self.teachers[name], rb, gen, r.replay_uncond)
+                )
+                for name, rb, share in parts
             )
             if r.coverage and batches.prompts.coverage:
                 terms["cover"] = sum(
