@@ -126,6 +126,11 @@ def _load_results(
             "give it its own --out folder"
         )
     if results and not (weights(results) if weights else step_unet(out, len(results))).exists():
+        if any("inherited_from" in r for r in results):
+            raise BenchmarkError(
+                f"{results_file} branches from {results[0]['inherited_from']} (relative to {out}), whose weights are "
+                "not on disk: run that run again first, or move this folder away"
+            )
         log(
             f"[{name}] {results_file} has {len(results)} step(s) but their weights are not on disk "
             f"({out / 'steps'} is not committed): starting again from the first request"
@@ -134,18 +139,20 @@ def _load_results(
     return results
 
 
-def branch_results(source: Path, after: int, out: Path) -> None:
+def branch_results(source: Path, after: int, out: Path) -> bool:
     """Start OUT as a branch of the gated run in `source`: OUT/results.json begins with the first
-    `after` entries of source's, each marked `inherited_from` and naming its champion where source
-    keeps it, so the run continues from source's champion after request `after` under another
-    recipe. Refused if source has no such request or its champion's weights are gone; a branch
-    already started (its first entries inherited from the same source) is left as it is."""
+    `after` entries of source's, each marked `inherited_from` (source, relative to OUT) and naming its
+    champion where source keeps it, so the run continues from source's champion after request `after`
+    under another recipe. Refused if source has no such request or its champion's weights are gone;
+    a branch already started from the same source after the same request is left as it is.
+    Returns whether it wrote OUT/results.json."""
     mine = out / "results.json"
     if mine.exists():
-        have = json.loads(mine.read_text())
-        if len(have) < after or any(r.get("inherited_from") != str(source) for r in have[:after]):
+        have = [r.get("inherited_from") for r in json.loads(mine.read_text())]
+        inherited = [h for h in have if h is not None]
+        if len(inherited) != after or any((out / h).resolve() != source.resolve() for h in inherited):
             raise BenchmarkError(f"{mine} exists and is not a branch of {source} after request {after}")
-        return
+        return False
     try:
         theirs = json.loads((source / "results.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -154,15 +161,21 @@ def branch_results(source: Path, after: int, out: Path) -> None:
         raise BenchmarkError(f"{source} has {len(theirs)} requests, not the {after} to branch after")
     if any(r.get("mode") != "gated" for r in theirs[:after]):
         raise BenchmarkError(f"{source} is not a gated run: only a gated run's champions can be branched from")
-    entries = []
-    for r in theirs[:after]:
-        champion = r["champion"] if r["champion"] == "base" else os.path.relpath(source / r["champion"], out)
-        entries.append({**r, "champion": champion, "inherited_from": str(source)})
     last = theirs[after - 1]["champion"]
     if last != "base" and not (source / last).exists():
         raise BenchmarkError(f"{source}'s champion after request {after} is not on disk ({source / last})")
+    here = os.path.relpath(source, out)
+    entries = [
+        {
+            **r,
+            "champion": r["champion"] if r["champion"] == "base" else os.path.join(here, r["champion"]),
+            "inherited_from": here,
+        }
+        for r in theirs[:after]
+    ]
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, entries)
+    return True
 
 
 def write_results(out: Path, results: list[dict]) -> None:

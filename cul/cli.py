@@ -671,6 +671,7 @@ def bench(
             "--gated starts from params.yaml's base model and judges the champion after every request"
         )
     branch_from: tuple[Path, int] | None = None
+    branched = False
     if branch:
         source, _, after = branch.rpartition(":")
         if not gated or not source or not after.isdigit() or int(after) < 1:
@@ -703,7 +704,7 @@ def bench(
         if branch_from:
             from cul.benchmark import branch_results
 
-            branch_results(*branch_from, out)
+            branched = branch_results(*branch_from, out)
         if gated:
             from cul.gated import run_gated_sequence
 
@@ -737,6 +738,8 @@ def bench(
                 eval_every=eval_every,
             )
     except BenchmarkError as e:
+        if branch_from and branched:  # a branch refused before its first request leaves nothing behind
+            (out / "results.json").unlink()
         raise typer.BadParameter(str(e)) from e
     except PreparationError as e:  # a request of the sequence that cannot be prepared: what is kept stays
         _fail(f"{e} (the finished requests are in {out}/results.json)")

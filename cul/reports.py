@@ -40,7 +40,7 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for f in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(f.read_text())
-        if results:
+        if any("inherited_from" not in r for r in results):  # a branch that has run none of its own: not yet
             runs[_label(results[-1], results[-1].get("recipe_name"), f.parent, runs)] = results
     return runs
 
@@ -110,12 +110,15 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
         )
     for name, results in runs.items():
         r = results[-1]
-        secs = sum(x["seconds"] for x in results) / len(results)
-        known = [x["replay_images"] for x in results if "replay_images" in x]
+        own = [x for x in results if "inherited_from" not in x]  # a branch's costs are its own requests'
+        secs = sum(x["seconds"] for x in own) / len(own)
+        known = [x["replay_images"] for x in own if "replay_images" in x]
         imgs = f"{sum(known) / len(known):.0f}" if known else "-"
         back = relapses(results)
         if r.get("mode") == "gated":  # what production delivers: requests the gate let through
-            name += f", {sum(x['accepted'] for x in results)} of {len(results)} accepted"
+            name += f", {sum(x['accepted'] for x in own)} of {len(own)} accepted"
+        if len(own) < len(results):
+            name += f" (from {Path(results[0]['inherited_from']).name} after request {len(results) - len(own)})"
         rows.append(
             f"| {name} | {r['step']} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {pct(_mean3(r))} | {times(r.get('fd_ratio'))} "

@@ -273,14 +273,18 @@ def test_a_branch_starts_from_another_gated_runs_champion_and_goes_on_under_its_
     (source / "steps/02/attempt-0/model").mkdir(parents=True)
     branch_results(source, 2, out)
     made = json.loads((out / "results.json").read_text())
-    assert [e["step"] for e in made] == [1, 2] and {e["inherited_from"] for e in made} == {str(source)}
+    assert [e["step"] for e in made] == [1, 2] and {e["inherited_from"] for e in made} == {"../../a/run"}
     assert (out / made[-1]["champion"]).resolve() == (source / "steps/02/attempt-0/model").resolve()
     # another recipe goes on from there; only its own entries must share its hash
     kept = _load_results(out, DFRRecipe(), "dfr", print, mode="gated", weights=lambda rs: out / rs[-1]["champion"])
     assert len(kept) == 2
-    branch_results(source, 2, out)  # started already: left as it is
+    assert not branch_results(source, 2, out)  # started already: left as it is
     with pytest.raises(BenchmarkError, match="not a branch of"):
-        branch_results(source, 3, out)
+        branch_results(source, 1, out)
+    # its source's weights gone: refused, not started again from the base model
+    (source / "steps/02/attempt-0/model").rmdir()
+    with pytest.raises(BenchmarkError, match="not on disk"):
+        _load_results(out, DFRRecipe(), "dfr", print, mode="gated", weights=lambda rs: out / rs[-1]["champion"])
     with pytest.raises(BenchmarkError, match="has 3 requests"):
         branch_results(source, 4, tmp_path / "c")
     (source / "results.json").write_text(json.dumps([{**e, "mode": "plain"} for e in entries]))

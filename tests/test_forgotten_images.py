@@ -39,43 +39,45 @@ def test_both_draws_theta_0s_samples_of_the_forgotten_prompts_and_leaves_the_oth
     monkeypatch.setattr(ReplayBuffer, "generate", classmethod(spy))
     dfr = replay_sources(tiny_world_model, after_red, DFRRecipe(**SMALL), keep_teacher=base)
     both = replay_sources(tiny_world_model, after_red, DFRRecipe(**SMALL, forgotten_images="both"), keep_teacher=base)
-    assert set(both) == set(dfr) | {"retain_gone_base"}
+    assert set(both) == set(dfr) | {"forgotten_base"}
     for name in dfr:  # the same seeds: what the recipe without it draws is untouched
         assert torch.equal(dfr[name].x0, both[name].x0)
     gone = split_retain(after_red)[1]
-    assert both["retain_gone_base"].prompts == gone
+    assert both["forgotten_base"].prompts == gone
     assert drawn_by[tuple(gone)] is base  # red as theta_0 draws it, not as the teacher now does
 
 
-def test_the_retain_batch_gives_them_their_share_with_their_mapped_captions(tiny_world_model, after_red):
+def test_a_retry_on_the_surrogates_images_draws_what_a_preparation_from_scratch_would(tiny_world_model, after_red):
+    """The gate's escalation may add `resteer_images: both` to a retry; the samples of attempt 0 are
+    kept and the surrogate's drawn, each with the seed it has when everything is drawn at once."""
     recipe = DFRRecipe(**SMALL, forgotten_images="both")
-    batches = Batches(after_red, replay_sources(tiny_world_model, after_red, recipe), recipe)
-    gone = split_retain(after_red)[1]
-    mapped = dict(zip(gone, after_red.forgotten_mapped))
-    seen = set()
-    for seed in range(6):
-        parts = {name: (rb, share) for name, rb, share in batches.retain(torch.Generator().manual_seed(seed))}
-        n_gone = sum(len(parts[n][0].prompts) for n in ("retain", "retain_gone_base") if n in parts)
-        assert n_gone == round(recipe.forgotten_share * recipe.retain_batch)  # the share, split between the two
-        for name in ("retain", "retain_gone_base"):
-            if name in parts:
-                seen.add(name)
-                rb = parts[name][0]
-                assert rb.targets == [mapped[p] for p in rb.prompts]
-    assert seen == {"retain", "retain_gone_base"}
+    first = replay_sources(tiny_world_model, after_red, recipe)
+    escalated = recipe.model_copy(update={"resteer_images": "both"})
+    retry = replay_sources(tiny_world_model, after_red, escalated, have=first)
+    fresh = replay_sources(tiny_world_model, after_red, escalated)
+    assert set(retry) == set(fresh) == set(first) | {"mapped"}
+    for name in fresh:
+        assert torch.equal(retry[name].x0, fresh[name].x0), name
 
 
-def test_on_theta_0s_images_the_target_is_the_pushed_one_and_a_step_trains_on_it(tiny_world_model, after_red):
+def test_the_replay_is_as_without_it_and_l_rehold_has_a_forget_batch_with_mapped_captions(tiny_world_model, after_red):
     recipe = DFRRecipe(**SMALL, forgotten_images="both")
     sources = replay_sources(tiny_world_model, after_red, recipe)
-    rb = next(
-        rb
-        for seed in range(20)
-        for name, rb, _ in Batches(after_red, sources, recipe).retain(torch.Generator().manual_seed(seed))
-        if name == "retain_gone_base"
+    batches = Batches(after_red, sources, recipe)
+    plain = Batches(after_red, {k: v for k, v in sources.items() if k != "forgotten_base"}, DFRRecipe(**SMALL))
+    assert batches.pool == plain.pool and batches.fixed_gone == plain.fixed_gone and not plain.has_rehold
+    rb = batches.rehold(torch.Generator().manual_seed(0))
+    mapped = dict(zip(split_retain(after_red)[1], after_red.forgotten_mapped))
+    assert len(rb.prompts) == recipe.forget_batch and rb.targets == [mapped[p] for p in rb.prompts]
+
+
+def test_l_rehold_is_l_unls_pushed_target_on_theta_0s_images_and_a_step_trains_on_it(tiny_world_model, after_red):
+    recipe = DFRRecipe(**SMALL, forgotten_images="both")
+    rb = Batches(after_red, replay_sources(tiny_world_model, after_red, recipe), recipe).rehold(
+        torch.Generator().manual_seed(0)
     )
-    loss = rehold_loss(tiny_world_model, tiny_world_model, rb, torch.Generator().manual_seed(1), push=1.0)
-    x_t, t, _ = noised(tiny_world_model, rb.x0, torch.Generator().manual_seed(1))
+    loss = rehold_loss(tiny_world_model, tiny_world_model, rb, torch.Generator().manual_seed(1), 1000, push=1.0)
+    x_t, t, _ = noised(tiny_world_model, rb.x0, torch.Generator().manual_seed(1), 1000)
     with torch.no_grad():
         own = tiny_world_model.predict_noise(x_t, t, tiny_world_model.encode_prompts(rb.prompts))
     pushed = pushed_target(tiny_world_model, x_t, t, rb.prompts, rb.targets, 1.0)
@@ -83,11 +85,13 @@ def test_on_theta_0s_images_the_target_is_the_pushed_one_and_a_step_trains_on_it
     assert loss > 0  # the model before the step still draws red where the pushed target does not
 
     result = unlearn(tiny_world_model, after_red, recipe, base=tiny_world_model)
-    assert all(row["pres"] > 0 for row in result.history)
+    assert all(row["rehold"] > 0 for row in result.history)
 
 
-def test_off_by_default_out_of_the_hash_and_refused_without_mapped_targets():
+def test_off_by_default_out_of_the_hash_and_refused_where_it_cannot_work():
     assert "forgotten_images" not in DFRRecipe().model_dump()  # recipes made before it keep their hashes
     assert recipe_hash(DFRRecipe(forgotten_images="both")) != recipe_hash(DFRRecipe())
     with pytest.raises(ValueError, match="forgotten_images: both needs"):
         DFRRecipe(forgotten_images="both", forgotten_target="previous")
+    with pytest.raises(ValueError, match="with projection"):
+        DFRRecipe(forgotten_images="both", addons={"projection": True})

@@ -100,12 +100,13 @@ def test_the_hash_follows_the_recipe_not_its_spelling():
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: str(p.parent.relative_to(ROOT / "reports/benchmark")))
 def test_every_kept_run_records_its_recipe_and_commit_and_its_name_means_that_recipe(path):
     everything = json.loads(path.read_text())
+    assert everything
     for entry in everything:
         assert entry["git_commit"] and entry["recipe_hash"] == recipe_hash(parse_recipe(entry["recipe"]))
     # a branch (`cul bench --branch`) begins with another run's entries, which must be that run's
     inherited = [e for e in everything if "inherited_from" in e]
     if inherited:
-        source = json.loads((ROOT / inherited[0]["inherited_from"] / "results.json").read_text())
+        source = json.loads((path.parent / inherited[0]["inherited_from"] / "results.json").read_text())
         strip = ("inherited_from", "champion")
         assert [{k: v for k, v in e.items() if k not in strip} for e in inherited] == [
             {k: v for k, v in e.items() if k not in strip} for e in source[: len(inherited)]

@@ -4,8 +4,8 @@
 `ReplayBuffer`, or online per batch as DFR does); `Batches` draws seeded forget and retain batches
 from them. Under `retain_teacher: base` the retain prompts come in two sources: "retain"
 (theta_{k-1}'s samples of the earlier forgotten concepts' prompts) and "retain_base" (theta_0's
-samples of the rest), and under `forgotten_images: both` a third, "retain_gone_base" (theta_0's
-samples of the earlier forgotten concepts' prompts: the concepts as they were erased).
+samples of the rest). Under `forgotten_images: both` a source of its own, "forgotten_base", holds
+theta_0's samples of the earlier forgotten concepts' prompts (the concepts as they were erased).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from cul.unlearning.prompts import PromptSet
 from cul.unlearning.replay import OnlineReplay, ReplayBuffer
 
 Source = ReplayBuffer | OnlineReplay
+#: sources whose seed does not depend on which others a recipe draws (the rest take their position)
+FIXED_SLOTS = {"forgotten_base": 10}
 
 
 @dataclass
@@ -84,8 +86,8 @@ def replay_sources(
             wanted["retain"] = (prompts.retain_prompts(), teacher)
     for name in forget_sources[1:]:  # after the retain sources, whose seeds stay as they were
         wanted[name] = by_source[name]
-    if recipe.replays_retained() and getattr(recipe, "forgotten_images", "previous") == "both":
-        wanted["retain_gone_base"] = (split_retain(prompts)[1], keep_teacher)  # last: the others' seeds stay
+    if getattr(recipe, "forgotten_images", "previous") == "both":
+        wanted["forgotten_base"] = (split_retain(prompts)[1], keep_teacher)
     sources: dict[str, Source] = {}
     for i, (name, (plist, model)) in enumerate(wanted.items()):
         if not plist:
@@ -93,7 +95,7 @@ def replay_sources(
         if have and name in have:
             sources[name] = have[name]
             continue
-        seed = recipe.seed * 1_000 + i
+        seed = recipe.seed * 1_000 + FIXED_SLOTS.get(name, i)
         if recipe.replay == "online":
             sources[name] = OnlineReplay(model, plist, seed, recipe.replay_steps, recipe.replay_guidance)
             continue
@@ -117,8 +119,6 @@ class Batches:
             self.pool = [("retain_base", p, i) for i, p in enumerate(kept)] + [
                 ("retain", p, i) for i, p in enumerate(gone)
             ]
-            if getattr(recipe, "forgotten_images", "previous") == "both":
-                self.pool += [("retain_gone_base", p, i) for i, p in enumerate(gone)]
         else:
             self.pool = [("retain", p, i) for i, p in enumerate(prompts.retain_prompts())]
         self.n_kept = sum(1 for src, _, _ in self.pool if src == "retain_base") * self.copies
@@ -131,6 +131,21 @@ class Batches:
     @property
     def has_retain(self) -> bool:
         return bool(self.pool)
+
+    @property
+    def has_rehold(self) -> bool:
+        return "forgotten_base" in self.sources
+
+    def rehold(self, gen: torch.Generator) -> RetainBatch:
+        """`forget_batch` of theta_0's samples of the earlier forgotten concepts' prompts, with their
+        mapped captions as targets (`forgotten_images: both`)."""
+        gone = split_retain(self.prompts)[1]
+        idx = torch.randint(0, len(gone) * self.copies, (self.recipe.forget_batch,), generator=gen).tolist()
+        return RetainBatch(
+            [gone[i // self.copies] for i in idx],
+            self.sources["forgotten_base"].take(idx),
+            [self.prompts.forgotten_mapped[i // self.copies] for i in idx],
+        )
 
     def forget(self, gen: torch.Generator) -> ForgetBatch:
         n = self.recipe.forget_batch
@@ -157,14 +172,14 @@ class Batches:
                 + (self.n_kept + torch.randint(0, self.n_gone, (self.fixed_gone,), generator=gen)).tolist()
             )
         out = []
-        for name in ("retain", "retain_base", "retain_gone_base"):
+        for name in ("retain", "retain_base"):
             picked = [
                 (self.pool[i // c][1], self.pool[i // c][2] * c + i % c) for i in idx if self.pool[i // c][0] == name
             ]
             if picked:
                 targets = (
                     [self.gone_targets[j // c] for _, j in picked]
-                    if name != "retain_base" and self.gone_targets is not None
+                    if name == "retain" and self.gone_targets is not None
                     else None
                 )
                 batch = RetainBatch([p for p, _ in picked], self.sources[name].take([j for _, j in picked]), targets)

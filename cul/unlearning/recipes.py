@@ -263,10 +263,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     #: (theta_{k-1}, same prompt) or "mapped" (theta_0 on the prompt with the concept swapped for the
     #: surrogate theta_{k-1} now draws for it).
     forgotten_target: Literal["previous", "mapped"] = "mapped"
-    #: with forgotten_target mapped, the images the earlier forgotten concepts' replay noises:
-    #: "previous" (theta_{k-1}'s samples of their prompts, which show their surrogates now) or "both"
-    #: (those, and as many of theta_0's, which show the concepts themselves; on these the target is
-    #: L_unl's, pushed by `push`, so each earlier erasure is made again where it was first made).
+    #: the images that keep earlier forgotten concepts forgotten: "previous" (the replay's, theta_{k-1}'s
+    #: samples of their prompts, which show their surrogates now) or "both" (those, and L_rehold: a
+    #: forget batch of theta_0's samples, which show the concepts themselves, with L_unl's pushed target
+    #: and weight). Needs forgotten_target mapped; refused with gradient projection, which protects
+    #: those prompts' keys and values.
     forgotten_images: Literal["previous", "both"] = "previous"
     #: erasure against textual inversion (None: off); see `Inversion`. Needs retain_teacher base.
     inversion: Inversion | None = None
@@ -304,6 +305,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
             raise ValueError(
                 "forgotten_images: both needs retain_teacher: base and forgotten_target: mapped (theta_0 draws "
                 "the forgotten concepts, and their mapped captions give the targets)"
+            )
+        if self.forgotten_images != "previous" and self.addons.projection:
+            raise ValueError(
+                "forgotten_images: both with projection: gradient projection protects the earlier forgotten "
+                "prompts' keys and values, which L_rehold trains"
             )
         if self.inversion is not None and (self.retain_teacher != "base" or self.forgotten_target != "mapped"):
             raise ValueError(

@@ -27,8 +27,12 @@ the forget prompt's under which theta draws the concept again. `inversion` (STER
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
 concept must lead to the surrogate too. `resteer_images` noises the surrogate's images in L_unl
 instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)), pushed by
-`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)). `forgotten_images: both` replays
-each earlier forgotten concept on theta_0's images of it too, with L_unl's pushed target.
+`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)). `forgotten_images: both` adds
+
+    L_rehold = E_{t < T_max} || eps_theta(x_t, t, p_g) - sg[pushed eps_T(x_t, t, p_g -> p_m)] ||^2,
+
+L_unl for the earlier forgotten concepts' prompts p_g on theta_0's images of them, weighted as L_unl:
+each earlier erasure made again where it was first made, not only on the surrogates theta_{k-1} draws.
 """
 
 from __future__ import annotations
@@ -102,11 +106,11 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: 
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 
-def rehold_loss(student, teacher, r: RetainBatch, gen: torch.Generator, push: float):
+def rehold_loss(student, teacher, r: RetainBatch, gen: torch.Generator, t_max: int, push: float):
     """L_unl again for earlier forgotten concepts, on theta_0's images of their prompts (`forgotten_images:
     both`): their captions must lead where their mapped captions do, pushed away from the concept."""
     assert r.targets is not None, "earlier forgotten concepts' images without their mapped captions"
-    x_t, t, _ = noised(teacher, r.x0, gen)
+    x_t, t, _ = noised(teacher, r.x0, gen, t_max)
     target = pushed_target(teacher, x_t, t, r.prompts, r.targets, push)
     return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(r.prompts)), target)
 
@@ -125,7 +129,13 @@ class DFR:
         self.recipe, self.keep, self.reference = recipe, keep_teacher, reference
         mapped = recipe.forgotten_target == "mapped"
         self.teachers = {"retain": keep_teacher if mapped else teacher, "retain_base": keep_teacher}
-        self.weights = {"unl": recipe.l_unl, "pres": recipe.l_pres, "cover": recipe.l_pres, "reg": recipe.l_reg}
+        self.weights = {
+            "unl": recipe.l_unl,
+            "rehold": recipe.l_unl,
+            "pres": recipe.l_pres,
+            "cover": recipe.l_pres,
+            "reg": recipe.l_reg,
+        }
         if recipe.adversarial is not None:
             self.weights["adv"] = recipe.l_unl * recipe.adversarial.weight
         self.inversion = None
@@ -150,16 +160,12 @@ class DFR:
             if not self.inversion.found:
                 self.inversion.prepare(batches.prompts)
             terms["inv"] = self.inversion.loss(student, gen, r.t_max, r.push)
+        if batches.has_rehold:
+            terms["rehold"] = rehold_loss(student, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
         if r.l_pres > 0 and batches.has_retain:
             parts = batches.retain(gen)
             terms["pres"] = sum(
-                share
-                * (
-                    rehold_loss(student, self.keep, rb, gen, r.push)
-                    if name == "retain_gone_base"
-                    else replay_loss(student, self.teachers[name], rb, gen, r.replay_uncond)
-                )
-                for name, rb, share in parts
+                share * replay_loss(student, self.teachers[name], rb, gen, r.replay_uncond) for name, rb, share in parts
             )
             if r.coverage and batches.prompts.coverage:
                 terms["cover"] = sum(
