@@ -112,6 +112,11 @@ class TextEncoder:
         """[vocab, dim]: the input embedding table (frozen)."""
         return self.model.get_input_embeddings().weight
 
+    def word_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding table's per-dimension mean and std ([dim] each), for `random_words`."""
+        table = self.word_embeddings().detach()
+        return table.mean(0), table.std(0)
+
     def encode_soft(self, prompts: Sequence[str], vectors: torch.Tensor) -> torch.Tensor:
         """[B, max_length, dim] hidden states with gradients to `vectors`: the k-th occurrence of
         `placeholder` in a prompt has its input embedding replaced by vectors[k] ([K, dim], the same
@@ -137,3 +142,10 @@ class TextEncoder:
             return self.model(input_ids=ids).last_hidden_state.float()
         finally:
             handle.remove()
+
+
+def random_words(stats: tuple[torch.Tensor, torch.Tensor], n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, dim] input embeddings of words that name nothing: Gaussian draws with the embedding
+    table's per-dimension mean and std (`TextEncoder.word_statistics`)."""
+    mean, std = stats
+    return mean + std * torch.randn((n, mean.shape[0]), generator=gen).to(mean)

@@ -26,6 +26,7 @@ from cul.config import Params
 from cul.judge import Judge
 from cul.models.diffusion import load_model
 from cul.probes import Prober, slots
+from cul.text import random_words
 from cul.world import CONCEPTS, caption, concept
 
 
@@ -55,9 +56,7 @@ def main() -> None:
         return
 
     c = concept(a.concept)
-    table = text.word_embeddings().detach()
-    gen = torch.Generator().manual_seed(0)
-    vectors = table.mean(0) + table.std(0) * torch.randn((a.random, table.shape[1]), generator=gen).to(table)
+    vectors = random_words(text.word_statistics(), a.random, torch.Generator().manual_seed(0))
     scenes, _, seed, _ = prober.attack_test(a.concept, [a.concept])
     prompts = [caption(**slots(s, c.kind, text.placeholder)) for s in scenes]
 

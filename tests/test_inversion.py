@@ -135,3 +135,16 @@ def test_recipes_made_before_random_words_keep_their_hashes():
     with_share = recipe.model_copy(update={"inversion": SMALL.model_copy(update={"random_share": 0.5})})
     assert with_share.model_dump()["inversion"]["random_share"] == 0.5
     assert recipe_hash(with_share) != recipe_hash(recipe)
+
+
+def test_random_words_follow_the_embedding_tables_statistics_and_their_seed(text_encoder):
+    from cul.text import random_words
+
+    stats = text_encoder.word_statistics()
+    table = text_encoder.word_embeddings().detach()
+    words = random_words(stats, 4000, torch.Generator().manual_seed(0))
+    assert words.shape == (4000, table.shape[1])
+    assert torch.allclose(words.mean(0), table.mean(0), atol=0.1 * float(table.std(0).max()))
+    assert torch.allclose(words.std(0), table.std(0), rtol=0.1)
+    again = random_words(stats, 4000, torch.Generator().manual_seed(0))
+    assert torch.equal(words, again) and not torch.equal(words, random_words(stats, 4000, torch.Generator()))

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from cul import threads
+from cul.text import random_words
 from cul.unlearning.objectives.common import noised, pushed_target
 
 WORD = re.compile(r"\w+(?:['-]\w+)*|\S")  # words, and each punctuation mark on its own
@@ -121,7 +122,7 @@ class InversionAdversary:
         (its first `spec.images` captions, repeated when it has fewer)."""
         text = self.base.text
         table = text.word_embeddings().detach()
-        self.words = table.mean(0), table.std(0)
+        self.words = text.word_statistics()
         for k, (name, rows) in enumerate(sorted(concepts(prompts).items())):
             rows = [rows[i % len(rows)] for i in range(self.spec.images)]
             captions = [r[2] for r in rows]
@@ -176,8 +177,7 @@ class InversionAdversary:
             contexts = [text.encode_soft(soft[n_random:], m.v)] if n_random < len(rows) else []
             if n_random:
                 assert self.words is not None, "prepare() first"
-                mean, std = self.words
-                words = mean + std * torch.randn((n_random, 1, mean.shape[0]), generator=gen).to(mean)
+                words = random_words(self.words, n_random, gen).unsqueeze(1)
                 contexts = [text.encode_soft(soft[:n_random], words), *contexts]  # one word per row
             context = torch.cat(contexts).to(x_t.device)
         return F.mse_loss(student.predict_noise(x_t, t, context), target)
