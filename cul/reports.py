@@ -137,6 +137,7 @@ def steps_table(name: str, results: list[dict]) -> str:
     ]
     for r in results:
         concept = r["concept"] + (" (rejected: champion unchanged)" if r.get("accepted") is False else "")
+        concept += f" ({Path(r['inherited_from']).name}'s)" if "inherited_from" in r else ""  # a branch's start
         lines.append(
             f"| {r['step']} | {concept} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {times(r.get('fd_ratio'))} | {times(r.get('drift'))} "

@@ -292,6 +292,26 @@ def test_a_branch_starts_from_another_gated_runs_champion_and_goes_on_under_its_
         branch_results(source, 2, tmp_path / "d")
 
 
+def test_a_branch_reports_its_own_requests_and_marks_what_it_inherited(tmp_path):
+    from cul.reports import benchmark_table, load_runs, steps_table
+
+    scores = {"ua": 1.0, "ra_in": 1.0, "ra_cross": 1.0, "ra_neighbour": 1.0, "fd_ratio": 1.1, "drift": 1.0}
+    run = {"mode": "gated", "accepted": True, "base": None, "per_concept": {}, **scores}
+    inherited = [
+        {**run, "step": k, "concept": c, "seconds": 1000.0, "inherited_from": "../src", "recipe_name": "a"}
+        for k, c in ((1, "red"), (2, "circle"))
+    ]
+    (tmp_path / "branch").mkdir()
+    (tmp_path / "branch" / "results.json").write_text(json.dumps(inherited))
+    assert load_runs(tmp_path) == {}  # nothing of its own yet: not a run to report
+    results = [*inherited, {**run, "step": 3, "concept": "star", "seconds": 100.0, "recipe_name": "b"}]
+    (tmp_path / "branch" / "results.json").write_text(json.dumps(results))
+    [(name, _)] = load_runs(tmp_path).items()
+    assert "| 1 | red (src's) |" in steps_table(name, results) and "| 3 | star |" in steps_table(name, results)
+    row = benchmark_table({name: results}).splitlines()[-1]
+    assert "1 of 1 accepted (from src after request 2)" in row and "| 100 |" in row  # its own seconds
+
+
 @pytest.mark.parametrize("args", [["--branch", "reports/x:2"], ["--gated", "--branch", "reports/x"]])
 def test_bench_refuses_a_branch_it_cannot_read_before_loading_a_model(root, monkeypatch, args):
     monkeypatch.chdir(root)
