@@ -738,7 +738,7 @@ def bench(
                 eval_every=eval_every,
             )
     except BenchmarkError as e:
-        if branch_from and branched:  # a branch refused before its first request leaves nothing behind
+        if branched:  # a branch refused before its first request leaves nothing behind
             (out / "results.json").unlink()
         raise typer.BadParameter(str(e)) from e
     except PreparationError as e:  # a request of the sequence that cannot be prepared: what is kept stays

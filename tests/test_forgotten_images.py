@@ -7,7 +7,7 @@ import torch
 
 from cul.unlearning.batches import Batches, replay_sources, split_retain
 from cul.unlearning.objectives.common import noised, pushed_target
-from cul.unlearning.objectives.dfr import rehold_loss
+from cul.unlearning.objectives.dfr import resteer_loss
 from cul.unlearning.recipes import DFRRecipe, recipe_hash
 from cul.unlearning.replay import ReplayBuffer
 from cul.unlearning.trainer import unlearn
@@ -68,7 +68,8 @@ def test_the_replay_is_as_without_it_and_l_rehold_has_a_forget_batch_with_mapped
     assert batches.pool == plain.pool and batches.fixed_gone == plain.fixed_gone and not plain.has_rehold
     rb = batches.rehold(torch.Generator().manual_seed(0))
     mapped = dict(zip(split_retain(after_red)[1], after_red.forgotten_mapped))
-    assert len(rb.prompts) == recipe.forget_batch and rb.targets == [mapped[p] for p in rb.prompts]
+    assert len(rb.forget) == recipe.forget_batch and rb.mapped == [mapped[p] for p in rb.forget]
+    assert rb.x0_mapped is None and len(rb.x0_forget) == recipe.forget_batch
 
 
 def test_l_rehold_is_l_unls_pushed_target_on_theta_0s_images_and_a_step_trains_on_it(tiny_world_model, after_red):
@@ -76,11 +77,11 @@ def test_l_rehold_is_l_unls_pushed_target_on_theta_0s_images_and_a_step_trains_o
     rb = Batches(after_red, replay_sources(tiny_world_model, after_red, recipe), recipe).rehold(
         torch.Generator().manual_seed(0)
     )
-    loss = rehold_loss(tiny_world_model, tiny_world_model, rb, torch.Generator().manual_seed(1), 1000, push=1.0)
-    x_t, t, _ = noised(tiny_world_model, rb.x0, torch.Generator().manual_seed(1), 1000)
+    loss = resteer_loss(tiny_world_model, tiny_world_model, rb, torch.Generator().manual_seed(1), 1000, push=1.0)
+    x_t, t, _ = noised(tiny_world_model, rb.x0_forget, torch.Generator().manual_seed(1), 1000)
     with torch.no_grad():
-        own = tiny_world_model.predict_noise(x_t, t, tiny_world_model.encode_prompts(rb.prompts))
-    pushed = pushed_target(tiny_world_model, x_t, t, rb.prompts, rb.targets, 1.0)
+        own = tiny_world_model.predict_noise(x_t, t, tiny_world_model.encode_prompts(rb.forget))
+    pushed = pushed_target(tiny_world_model, x_t, t, rb.forget, rb.mapped, 1.0)
     assert torch.allclose(loss, torch.nn.functional.mse_loss(own, pushed))
     assert loss > 0  # the model before the step still draws red where the pushed target does not
 

@@ -136,15 +136,17 @@ class Batches:
     def has_rehold(self) -> bool:
         return "forgotten_base" in self.sources
 
-    def rehold(self, gen: torch.Generator) -> RetainBatch:
-        """`forget_batch` of theta_0's samples of the earlier forgotten concepts' prompts, with their
-        mapped captions as targets (`forgotten_images: both`)."""
-        gone = split_retain(self.prompts)[1]
+    def rehold(self, gen: torch.Generator) -> ForgetBatch:
+        """`forget_batch` of theta_0's samples of the earlier forgotten concepts' prompts, as a forget
+        batch with their mapped captions (`forgotten_images: both`)."""
+        gone = self.sources["forgotten_base"].prompts
         idx = torch.randint(0, len(gone) * self.copies, (self.recipe.forget_batch,), generator=gen).tolist()
-        return RetainBatch(
+        return ForgetBatch(
+            "earlier forgotten",
             [gone[i // self.copies] for i in idx],
-            self.sources["forgotten_base"].take(idx),
             [self.prompts.forgotten_mapped[i // self.copies] for i in idx],
+            self.sources["forgotten_base"].take(idx),
+            None,
         )
 
     def forget(self, gen: torch.Generator) -> ForgetBatch:

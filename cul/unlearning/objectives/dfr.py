@@ -106,15 +106,6 @@ def replay_loss(student, teacher, r: RetainBatch, gen: torch.Generator, uncond: 
     return F.mse_loss(student.predict_noise(x_t, t, ctx), target)
 
 
-def rehold_loss(student, teacher, r: RetainBatch, gen: torch.Generator, t_max: int, push: float):
-    """L_unl again for earlier forgotten concepts, on theta_0's images of their prompts (`forgotten_images:
-    both`): their captions must lead where their mapped captions do, pushed away from the concept."""
-    assert r.targets is not None, "earlier forgotten concepts' images without their mapped captions"
-    x_t, t, _ = noised(teacher, r.x0, gen, t_max)
-    target = pushed_target(teacher, x_t, t, r.prompts, r.targets, push)
-    return F.mse_loss(student.predict_noise(x_t, t, student.encode_prompts(r.prompts)), target)
-
-
 def coverage_loss(student, teacher, x0: torch.Tensor, captions: list[str], gen: torch.Generator):
     """L_pres on replayed images noised again and paired with captions that have no images."""
     idx = torch.randint(0, len(captions), (x0.shape[0],), generator=gen).tolist()
@@ -161,7 +152,7 @@ class DFR:
                 self.inversion.prepare(batches.prompts)
             terms["inv"] = self.inversion.loss(student, gen, r.t_max, r.push)
         if batches.has_rehold:
-            terms["rehold"] = rehold_loss(student, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
+            terms["rehold"] = resteer_loss(student, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
         if r.l_pres > 0 and batches.has_retain:
             parts = batches.retain(gen)
             terms["pres"] = sum(
