@@ -69,6 +69,21 @@ def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
     return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
 
 
+def inherited(entry: dict) -> bool:
+    """Whether a results.json entry was copied from the run a branch starts from (`branch_results`)
+    rather than made by the run that holds it."""
+    return "inherited_from" in entry
+
+
+def read_results(results_file: Path) -> list[dict]:
+    """A run's results.json entries (none if it does not exist); a message, not a traceback, if it
+    is not readable JSON."""
+    try:
+        return json.loads(results_file.read_text()) if results_file.exists() else []
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{results_file} is not readable JSON ({e}): move it away to start this run again") from e
+
+
 def _load_results(
     out: Path,
     recipe: Recipe,
@@ -86,10 +101,7 @@ def _load_results(
     `settings()`; entries that record none are not checked). `weights`: where the last entry's
     weights are (default: `step_unet`)."""
     results_file = out / "results.json"
-    try:
-        results: list[dict] = json.loads(results_file.read_text()) if results_file.exists() else []
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{results_file} is not readable JSON ({e}): move it away to start this run again") from e
+    results = read_results(results_file)
     if requests is not None and results:
         done = [r["request"] for r in results]
         asked = [q.model_dump(mode="json") for q in requests[: len(results)]]
@@ -107,7 +119,7 @@ def _load_results(
             f"{results_file} was judged under other evaluation settings ({', '.join(sorted(recorded))}; this run: "
             f"{json.dumps(evaluation, sort_keys=True)}), e.g. another --stride: give this run its own --out folder"
         )
-    made_by = {r.get("recipe_hash") for r in results if "inherited_from" not in r}
+    made_by = {r.get("recipe_hash") for r in results if not inherited(r)}
     if made_by and made_by != {recipe_hash(recipe)}:
         raise BenchmarkError(
             f"{results_file} was made by another recipe (hash {', '.join(sorted(map(str, made_by)))}, this one "
@@ -126,7 +138,7 @@ def _load_results(
             "give it its own --out folder"
         )
     if results and not (weights(results) if weights else step_unet(out, len(results))).exists():
-        if any("inherited_from" in r for r in results):
+        if any(inherited(r) for r in results):
             raise BenchmarkError(
                 f"{results_file} branches from {results[0]['inherited_from']} (relative to {out}), whose weights are "
                 "not on disk: run that run again first, or move this folder away"
@@ -148,7 +160,7 @@ def branch_results(source: Path, after: int, out: Path) -> bool:
     Returns whether it wrote OUT/results.json."""
     mine = out / "results.json"
     if mine.exists():
-        have = [r.get("inherited_from") for r in json.loads(mine.read_text())]
+        have = [r.get("inherited_from") for r in read_results(mine)]
         inherited = [h for h in have if h is not None]
         if len(inherited) != after or any((out / h).resolve() != source.resolve() for h in inherited):
             raise BenchmarkError(f"{mine} exists and is not a branch of {source} after request {after}")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cul.benchmark import BenchmarkError, _load_results, _remaining, write_results
+from cul.benchmark import BenchmarkError, _load_results, _remaining, inherited, write_results
 from cul.config import Params
 from cul.evaluation import Evaluator, weight_drift
 from cul.fmt import pct, times
@@ -98,7 +98,7 @@ def run_gated_sequence(
         evaluation=evaluator.settings(),
     )
     settings, gate_hash = gate_settings(params)
-    gated_here = {r.get("gate_hash") for r in results if "inherited_from" not in r}
+    gated_here = {r.get("gate_hash") for r in results if not inherited(r)}
     if gated_here and gated_here != {gate_hash}:
         raise BenchmarkError(
             f"{out / 'results.json'} was gated under other settings (pipeline.gate, escalation, eval_stride or "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from cul.benchmark import inherited
 from cul.fmt import pct, times
 from cul.plots import concept_bars, scene_grid
 
@@ -40,7 +41,7 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for f in sorted(Path(folder).glob("*/results.json")):
         results = json.loads(f.read_text())
-        if any("inherited_from" not in r for r in results):  # a branch that has run none of its own: not yet
+        if not all(map(inherited, results)):  # a branch that has run none of its own: not yet
             runs[_label(results[-1], results[-1].get("recipe_name"), f.parent, runs)] = results
     return runs
 
@@ -110,7 +111,7 @@ def benchmark_table(runs: dict[str, list[dict]]) -> str:
         )
     for name, results in runs.items():
         r = results[-1]
-        own = [x for x in results if "inherited_from" not in x]  # a branch's costs are its own requests'
+        own = [x for x in results if not inherited(x)]  # a branch's costs are its own requests'
         secs = sum(x["seconds"] for x in own) / len(own)
         known = [x["replay_images"] for x in own if "replay_images" in x]
         imgs = f"{sum(known) / len(known):.0f}" if known else "-"
@@ -137,7 +138,7 @@ def steps_table(name: str, results: list[dict]) -> str:
     ]
     for r in results:
         concept = r["concept"] + (" (rejected: champion unchanged)" if r.get("accepted") is False else "")
-        concept += f" ({Path(r['inherited_from']).name}'s)" if "inherited_from" in r else ""  # a branch's start
+        concept += f" ({Path(r['inherited_from']).name}'s)" if inherited(r) else ""  # a branch's start
         lines.append(
             f"| {r['step']} | {concept} | {pct(r['ua'])} | {pct(r['ra_in'])} | {pct(r['ra_cross'])} "
             f"| {pct(r['ra_neighbour'])} | {times(r.get('fd_ratio'))} | {times(r.get('drift'))} "

@@ -290,6 +290,9 @@ def test_a_branch_starts_from_another_gated_runs_champion_and_goes_on_under_its_
     (source / "results.json").write_text(json.dumps([{**e, "mode": "plain"} for e in entries]))
     with pytest.raises(BenchmarkError, match="not a gated run"):
         branch_results(source, 2, tmp_path / "d")
+    (out / "results.json").write_text('[{"step": 1,')  # a branch's own file cut short: a message
+    with pytest.raises(BenchmarkError, match="not readable JSON"):
+        branch_results(source, 2, out)
 
 
 def test_a_branch_reports_its_own_requests_and_marks_what_it_inherited(tmp_path):

@@ -148,3 +148,26 @@ def test_random_words_follow_the_embedding_tables_statistics_and_their_seed(text
     assert torch.allclose(words.std(0), table.std(0), rtol=0.1)
     again = random_words(stats, 4000, torch.Generator().manual_seed(0))
     assert torch.equal(words, again) and not torch.equal(words, random_words(stats, 4000, torch.Generator()))
+
+
+def test_the_search_starts_from_the_mention_or_from_the_embedding_tables_mean(tiny_world_model, after_red):
+    """start: mention puts each concept's first v at its caption's words, start: mean at a word that
+    names nothing (the table's mean) for every concept; only a set start enters the recipe's hash."""
+    text = tiny_world_model.text
+    table = text.word_embeddings().detach()
+    starts = {}
+    for start in ("mention", "mean"):
+        adversary = InversionAdversary(
+            SMALL.model_copy(update={"start": start}), tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0
+        )
+        adversary.prepare(after_red)
+        starts[start] = {m.concept: m.v for m in adversary.found}
+    circle = table[torch.tensor(text.tokenizer("circle", add_special_tokens=False).input_ids)].mean(0, keepdim=True)
+    assert torch.allclose(starts["mention"]["circle"], circle)
+    assert all(torch.allclose(v, table.mean(0, keepdim=True)) for v in starts["mean"].values())
+    assert not torch.allclose(starts["mention"]["circle"], starts["mean"]["circle"])
+    recipe = DFRRecipe(inversion=SMALL)
+    assert "start" not in recipe.model_dump(mode="json")["inversion"]
+    assert recipe_hash(recipe.model_copy(update={"inversion": SMALL.model_copy(update={"start": "mean"})})) != (
+        recipe_hash(recipe)
+    )

@@ -171,11 +171,13 @@ def team(servers, tmp_path_factory):
         for w in t.workers.values():
             if w.poll() is None:
                 os.killpg(w.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10  # all stop together, or are killed
         for w in t.workers.values():
             try:
-                w.wait(20)
+                w.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
 
 
 def _attempt_started(team: Team, request_id: str) -> bool:

@@ -207,10 +207,14 @@ class Inversion(BaseModel):
     #: nothing, which a slot answers with its default (a flat background for an unknown texture
     #: word: plain). With every row random the search is skipped.
     random_share: float = Field(0.0, ge=0, le=1)
+    #: where each concept's first search starts: `mention`, the input embedding of the caption's own
+    #: words for it; `mean`, the embedding table's mean, a word that names nothing (where a slot's
+    #: default lies, and nearer to where an attack that starts from a generic word ends).
+    start: Literal["mention", "mean"] = "mention"
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        return drop_unset(handler(self), {"random_share": 0.0})
+        return drop_unset(handler(self), {"random_share": 0.0, "start": "mention"})
 
 
 #: options absent from a recipe's dump and hash while unset (at these values), so recipes made before them keep

@@ -23,9 +23,10 @@ search finds one point of that region where the random words cover it.
 Over a sequence the earlier forgotten concepts are the ones that come back, so every forgotten
 concept is searched, the request's and the earlier ones (from the prompt set's `forgotten` captions
 and their `forgotten_mapped` twins; one word per mention of an earlier concept, see `concepts`),
-every `every` training steps, each search warm-started from the last v*. The search starts from the
-mention's own embedding, the attack of `cul.probes` from a generic word ("shape"): the two need not
-find the same word.
+every `every` training steps, each search warm-started from the last v*. The first search starts from
+the mention's own embedding, or with `start: mean` from the embedding table's mean (a word that names
+nothing); the attack of `cul.probes` starts from a generic word ("pattern"): the two need not find
+the same word.
 STEREO's second stage (erasing once from theta_0 with anchor concepts) is not taken: DFR's own terms
 keep what is retained.
 """
@@ -129,8 +130,11 @@ class InversionAdversary:
             x0 = self.base.sample_latents(
                 captions, seed=self.seed * 1000 + k, steps=self.replay_steps, guidance=self.replay_guidance
             )
-            ids = text.tokenizer(rows[0][0], add_special_tokens=False).input_ids  # the search starts from a mention
-            start = table[torch.tensor(ids, device=table.device)].mean(0, keepdim=True)
+            if self.spec.start == "mean":  # a word that names nothing
+                start = self.words[0].unsqueeze(0)
+            else:  # the mention's own words
+                ids = text.tokenizer(rows[0][0], add_special_tokens=False).input_ids
+                start = table[torch.tensor(ids, device=table.device)].mean(0, keepdim=True)
             self.found.append(Forgotten(name, [r[1] for r in rows], captions, [r[3] for r in rows], x0, start.clone()))
         if not self.found:
             raise ValueError(
