@@ -822,7 +822,7 @@ def report(
         from cul.plots import robustness_bars
 
         steps = sorted({r["steps"] for r in records.values()})
-        title = f"recovery after {'/'.join(map(str, steps))} requests ({probes})"
+        title = f"recovery after {'/'.join(map(str, steps))} request{'s' * (steps != [1])} ({probes})"
         console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")
 
 

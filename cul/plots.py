@@ -175,11 +175,9 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
-    # more methods than a default colour cycle has colours: a 20-colour map plus line styles, so
-    # no two methods look alike
-    colours = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
+    # more methods than colours: line styles too, so no two methods look alike
     styles = [
-        dict(color=colours[(2 * i + i // 10) % 20], linestyle=("-", "--", ":")[i // 10 % 3], marker="os^D"[i % 4])
+        dict(color=run_colour(i, len(runs)), linestyle=("-", "--", ":")[i // 20 % 3], marker="os^D"[i % 4])
         for i in range(len(runs))
     ]
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
@@ -197,6 +195,16 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def run_colour(i: int, n: int) -> tuple[float, float, float]:
+    """Run i's colour among n: matplotlib's ten default colours, or for more runs than that the
+    20-colour map (the dark shades first), so no two of up to 20 runs share one."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return colormaps["tab10"].colors[i % 10]  # type: ignore[attr-defined]  # a ListedColormap
+    return colormaps["tab20"].colors[(2 * i + i // 10) % 20]  # type: ignore[attr-defined]
 
 
 def run_labels(records: dict[str, dict]) -> dict[str, str]:
@@ -220,7 +228,6 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
     from cul.probes import FAMILIES
 
     width = 0.8 / max(1, len(records))
-    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
     fig, ax = plt.subplots(figsize=(2.0 * len(FAMILIES) + 1.5, 3.8))
     names = run_labels(records)
     for i, (label, record) in enumerate(records.items()):
@@ -231,7 +238,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
                 xs.append(j - 0.4 + width * (i + 0.5))
                 means.append(100 * s["mean"])
                 worsts.append(100 * s["worst"])
-        colour = colours[i % len(colours)]
+        colour = run_colour(i, len(records))
         ax.bar(xs, means, width * 0.9, color=colour, label=names[label])
         ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst probe")
