@@ -26,6 +26,7 @@ from cul.evaluation import Evaluator, weight_drift
 from cul.files import write_atomic
 from cul.fmt import pct, times
 from cul.io.provenance import provenance
+from cul.results import BenchmarkError, inherited, read_results
 from cul.unlearning.merging import ties_merge
 from cul.unlearning.preparation import merge_prompt_sets, prepare_catalogue_step, prepare_step
 from cul.unlearning.prompts import PromptSet, build_prompt_set
@@ -34,10 +35,6 @@ from cul.unlearning.regularizers import trainable_names
 from cul.unlearning.request import Request, resolve_request
 from cul.unlearning.trainer import unlearn
 from cul.world import CONCEPTS, concept
-
-
-class BenchmarkError(ValueError):
-    """A benchmark that cannot run as asked; the message says why."""
 
 
 def load_sequence(path: str | Path) -> list[Request]:
@@ -67,21 +64,6 @@ def _valid(surrogates: list[str], name: str, gone: list[str]) -> list[str]:
     """Surrogates that are not themselves being forgotten (else any retained concept of the kind)."""
     keep = [x for x in surrogates if x not in gone]
     return keep or [c.name for c in CONCEPTS[concept(name).kind] if c.name not in gone][:1]
-
-
-def inherited(entry: dict) -> bool:
-    """Whether a results.json entry was copied from the run a branch starts from (`branch_results`)
-    rather than made by the run that holds it."""
-    return "inherited_from" in entry
-
-
-def read_results(results_file: Path) -> list[dict]:
-    """A run's results.json entries (none if it does not exist); a message, not a traceback, if it
-    is not readable JSON."""
-    try:
-        return json.loads(results_file.read_text()) if results_file.exists() else []
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{results_file} is not readable JSON ({e}): move it away to start this run again") from e
 
 
 def _load_results(
@@ -160,9 +142,8 @@ def branch_results(source: Path, after: int, out: Path) -> bool:
     Returns whether it wrote OUT/results.json."""
     mine = out / "results.json"
     if mine.exists():
-        have = [r.get("inherited_from") for r in read_results(mine)]
-        inherited = [h for h in have if h is not None]
-        if len(inherited) != after or any((out / h).resolve() != source.resolve() for h in inherited):
+        sources = [r["inherited_from"] for r in read_results(mine) if inherited(r)]
+        if len(sources) != after or any((out / h).resolve() != source.resolve() for h in sources):
             raise BenchmarkError(f"{mine} exists and is not a branch of {source} after request {after}")
         return False
     try:

@@ -797,13 +797,16 @@ def report(
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
     from cul.reports import benchmark_table, load_robustness, load_runs, robustness_table, side_by_side, steps_table
+    from cul.results import BenchmarkError
 
     out = out or runs
-    found = load_runs(runs)
+    try:
+        found, records = load_runs(runs), load_robustness(runs)
+    except BenchmarkError as e:
+        _fail(str(e))
     if not found:
         raise typer.BadParameter(f"no */results.json under {runs}")
     out.mkdir(parents=True, exist_ok=True)
-    records = load_robustness(runs)
     robust = robustness_table(records)
     probed = sorted({str(r.get("families", "all")) for r in records.values()})  # what --probes each run had
     probes = f"cul bench --probes {probed[0]}" if len(probed) == 1 else "cul bench --probes, as each run"
@@ -822,7 +825,8 @@ def report(
         from cul.plots import robustness_bars
 
         steps = sorted({r["steps"] for r in records.values()})
-        title = f"recovery after {'/'.join(map(str, steps))} request{'s' * (steps != [1])} ({probes})"
+        requests = "request" if steps == [1] else "requests"
+        title = f"recovery after {'/'.join(map(str, steps))} {requests} ({probes})"
         console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")
 
 

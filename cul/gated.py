@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cul.benchmark import BenchmarkError, _load_results, _remaining, inherited, write_results
+from cul.benchmark import _load_results, _remaining, write_results
 from cul.config import Params
 from cul.evaluation import Evaluator, weight_drift
 from cul.fmt import pct, times
 from cul.io.provenance import provenance
+from cul.results import BenchmarkError, inherited
 from cul.step import StepSpec, prepare_data, run_attempts, train_and_evaluate
 from cul.unlearning.recipes import Recipe, recipe_hash
 from cul.unlearning.request import Request

@@ -177,7 +177,7 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     # more methods than colours: line styles too, so no two methods look alike
     styles = [
-        dict(color=run_colour(i, len(runs)), linestyle=("-", "--", ":")[i // 20 % 3], marker="os^D"[i % 4])
+        dict(color=run_colour(i), linestyle=("-", "--", ":")[i // 20 % 3], marker="os^D"[i % 4])
         for i in range(len(runs))
     ]
     for ax, (key, label, scale) in zip(axes.flat, BENCH_METRICS):
@@ -197,14 +197,12 @@ def metric_curves(runs: dict[str, list[dict]], path: str | Path, title: str = ""
     return _save(fig, path)
 
 
-def run_colour(i: int, n: int) -> tuple[float, float, float]:
-    """Run i's colour among n: matplotlib's ten default colours, or for more runs than that the
-    20-colour map (the dark shades first), so no two of up to 20 runs share one."""
+def run_colour(i: int) -> tuple[float, float, float]:
+    """Run i's colour in a figure: the 20-colour map's dark shades (matplotlib's ten default colours)
+    for the first ten runs, its light shades for the next ten, so no two of up to 20 runs share one."""
     from matplotlib import colormaps
 
-    if n <= 10:
-        return colormaps["tab10"].colors[i % 10]  # type: ignore[attr-defined]  # a ListedColormap
-    return colormaps["tab20"].colors[(2 * i + i // 10) % 20]  # type: ignore[attr-defined]
+    return colormaps["tab20"].colors[(2 * i + i // 10) % 20]  # type: ignore[attr-defined]  # a ListedColormap
 
 
 def run_labels(records: dict[str, dict]) -> dict[str, str]:
@@ -238,7 +236,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
                 xs.append(j - 0.4 + width * (i + 0.5))
                 means.append(100 * s["mean"])
                 worsts.append(100 * s["worst"])
-        colour = run_colour(i, len(records))
+        colour = run_colour(i)
         ax.bar(xs, means, width * 0.9, color=colour, label=names[label])
         ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst probe")

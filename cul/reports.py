@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from cul.benchmark import inherited
 from cul.fmt import pct, times
 from cul.plots import concept_bars, scene_grid
+from cul.results import BenchmarkError, inherited, read_json, read_results
 
 
 def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> None:
@@ -40,7 +40,7 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     """Every FOLDER/*/results.json that has steps, keyed by its run's name (`_label`)."""
     runs: dict[str, list[dict]] = {}
     for f in sorted(Path(folder).glob("*/results.json")):
-        results = json.loads(f.read_text())
+        results = read_results(f)
         if not all(map(inherited, results)):  # a branch that has run none of its own: not yet
             runs[_label(results[-1], results[-1].get("recipe_name"), f.parent, runs)] = results
     return runs
@@ -172,7 +172,9 @@ def load_robustness(folder: str | Path) -> dict[str, dict]:
     """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's name (`_label`)."""
     found: dict[str, dict] = {}
     for f in sorted(Path(folder).glob("*/robustness.json")):
-        r = json.loads(f.read_text())
+        r = read_json(f)
+        if not isinstance(r, dict):
+            raise BenchmarkError(f"{f} is not a robustness record (`cul bench --probes` writes one object)")
         found[_label(r, r.get("method"), f.parent, found)] = r
     return found
 

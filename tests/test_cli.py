@@ -194,6 +194,10 @@ def test_report_tables_every_method_and_step_with_the_base_model_first(tmp_path)
     assert lines[1].endswith("| - |")  # a result that records no recipe says so
     assert "| 1 | circle | 50.0 |" in table and "| 2 | red | 60.0 |" in table
     assert (tmp_path / "metrics.png").stat().st_size > 0
+    (tmp_path / "a" / "robustness.json").write_text('{"method": "a",')  # cut short by a crash
+    result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
+    assert result.exit_code == 1 and "robustness.json is not readable JSON" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_the_robustness_legend_names_the_length_of_runs_that_differ_in_it():

@@ -169,15 +169,24 @@ def team(servers, tmp_path_factory):
         yield t
     finally:
         for w in t.workers.values():
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10  # all stop together, or are killed
+            _signal_group(w, signal.SIGTERM)
+        deadline = time.monotonic() + 10  # all stop together ...
         for w in t.workers.values():
             try:
                 w.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
-                w.wait()
+                pass
+        for w in t.workers.values():  # ... and nothing of theirs outlives them (a flow run in its group)
+            _signal_group(w, signal.SIGKILL)
+            w.wait(10)
+
+
+def _signal_group(worker: subprocess.Popen, sig: int) -> None:
+    """`sig` to the worker's process group (it and its flow runs), if any of it is left."""
+    try:
+        os.killpg(worker.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _attempt_started(team: Team, request_id: str) -> bool:

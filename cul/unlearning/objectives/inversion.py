@@ -25,8 +25,8 @@ concept is searched, the request's and the earlier ones (from the prompt set's `
 and their `forgotten_mapped` twins; one word per mention of an earlier concept, see `concepts`),
 every `every` training steps, each search warm-started from the last v*. The first search starts from
 the mention's own embedding, or with `start: mean` from the embedding table's mean (a word that names
-nothing); the attack of `cul.probes` starts from a generic word ("pattern"): the two need not find
-the same word.
+nothing); the attack of `cul.probes` starts from a generic word of the concept's kind (`cul.probes.GENERIC`:
+shape, colour or pattern): the two need not find the same word.
 STEREO's second stage (erasing once from theta_0 with anchor concepts) is not taken: DFR's own terms
 keep what is retained.
 """
