@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-console = Console()
+# off a terminal (a log, CI) rich would draw 80 columns and cut the tables' cells; COLUMNS still wins
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings file (validated).")
 

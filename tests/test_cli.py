@@ -357,3 +357,26 @@ def test_sigterm_interrupts_a_run_like_ctrl_c_and_the_old_handler_comes_back():
         assert signal.getsignal(signal.SIGTERM) is before and seen == []
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_tables_are_not_cut_when_stdout_is_a_log():
+    """Off a terminal (a log, CI) rich would draw 80 columns and cut the flow summary's cells to
+    "1…"; the console is wider there, and COLUMNS still decides when set."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from cul import cli; from cul.config import Params\n"
+        "r = dict(request='req-01-circle', version=3, step='steps/01', accepted=True, attempts=2, ua=1.0,"
+        " ra_in=1.0, ra_cross=1.0, ra_neighbour=1.0, fd_ratio=1.13, seconds_step=719, seconds_total=1116,"
+        " overhead=0.12)\n"
+        "cli._print_steps([r], 1116.0, Params())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert "…" not in out and "1.13" in out and "100" in out
+    narrow = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "COLUMNS": "60"}, check=True
+    ).stdout
+    assert "…" in narrow  # the user's width, even when it cuts

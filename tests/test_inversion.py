@@ -152,11 +152,12 @@ def test_random_words_follow_the_embedding_tables_statistics_and_their_seed(text
 
 def test_the_search_starts_from_the_mention_or_from_the_embedding_tables_mean(tiny_world_model, after_red):
     """start: mention puts each concept's first v at its caption's words, start: mean at a word that
-    names nothing (the table's mean) for every concept; only a set start enters the recipe's hash."""
+    names nothing (the table's mean) for every concept, start: both gives each concept one word from
+    each; only a set start enters the recipe's hash."""
     text = tiny_world_model.text
     table = text.word_embeddings().detach()
     starts = {}
-    for start in ("mention", "mean"):
+    for start in ("mention", "mean", "both"):
         adversary = InversionAdversary(
             SMALL.model_copy(update={"start": start}), tiny_world_model, seed=0, replay_steps=2, replay_guidance=1.0
         )
@@ -167,6 +168,10 @@ def test_the_search_starts_from_the_mention_or_from_the_embedding_tables_mean(ti
     assert torch.allclose(starts["mention"]["circle"], circle)
     assert all(torch.allclose(v, table.mean(0, keepdim=True)) for v in starts["mean"].values())
     assert not torch.allclose(starts["mention"]["circle"], starts["mean"]["circle"])
+    # both: each concept twice, the mention's word and a word from the mean, erased apart
+    assert starts["both"].keys() == starts["mention"].keys() | {f"{c} (from the mean)" for c in starts["mean"]}
+    assert torch.allclose(starts["both"]["circle"], circle)
+    assert torch.allclose(starts["both"]["circle (from the mean)"], table.mean(0, keepdim=True))
     recipe = DFRRecipe(inversion=SMALL)
     assert "start" not in recipe.model_dump(mode="json")["inversion"]
     assert recipe_hash(recipe.model_copy(update={"inversion": SMALL.model_copy(update={"start": "mention"})})) == (

@@ -209,8 +209,9 @@ class Inversion(BaseModel):
     random_share: float = Field(0.0, ge=0, le=1)
     #: where each concept's first search starts: `mention`, the input embedding of the caption's own
     #: words for it; `mean`, the embedding table's mean, a word that names nothing (where a slot's
-    #: default lies, and nearer to where an attack that starts from a generic word ends).
-    start: Literal["mention", "mean"] = "mention"
+    #: default lies, and nearer to where an attack that starts from a generic word ends); `both`, two
+    #: words per concept, one from each start, each searched and erased on its own (twice the search's cost).
+    start: Literal["mention", "mean", "both"] = "mention"
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):

@@ -25,8 +25,9 @@ concept is searched, the request's and the earlier ones (from the prompt set's `
 and their `forgotten_mapped` twins; one word per mention of an earlier concept, see `concepts`),
 every `every` training steps, each search warm-started from the last v*. The first search starts from
 the mention's own embedding, or with `start: mean` from the embedding table's mean (a word that names
-nothing); the attack of `cul.probes` starts from a generic word of the concept's kind (`cul.probes.GENERIC`:
-shape, colour or pattern): the two need not find the same word.
+nothing), or with `start: both` from each (two words per concept, searched and erased apart). The
+attack of `cul.probes` starts from a generic word of the concept's kind (`cul.probes.GENERIC`: shape,
+colour or pattern): the two need not find the same word.
 STEREO's second stage (erasing once from theta_0 with anchor concepts) is not taken: DFR's own terms
 keep what is retained.
 """
@@ -130,12 +131,15 @@ class InversionAdversary:
             x0 = self.base.sample_latents(
                 captions, seed=self.seed * 1000 + k, steps=self.replay_steps, guidance=self.replay_guidance
             )
-            if self.spec.start == "mean":  # a word that names nothing
-                start = self.words[0].unsqueeze(0)
-            else:  # the mention's own words
-                ids = text.tokenizer(rows[0][0], add_special_tokens=False).input_ids
-                start = table[torch.tensor(ids, device=table.device)].mean(0, keepdim=True)
-            self.found.append(Forgotten(name, [r[1] for r in rows], captions, [r[3] for r in rows], x0, start.clone()))
+            ids = text.tokenizer(rows[0][0], add_special_tokens=False).input_ids
+            starts = {
+                "mention": table[torch.tensor(ids, device=table.device)].mean(0, keepdim=True),  # its own words
+                "mean": self.words[0].unsqueeze(0),  # a word that names nothing
+            }
+            for where in ("mention", "mean") if self.spec.start == "both" else (self.spec.start,):
+                label = f"{name} (from the mean)" if self.spec.start == "both" and where == "mean" else name
+                templates, mapped = [r[1] for r in rows], [r[3] for r in rows]
+                self.found.append(Forgotten(label, templates, captions, mapped, x0, starts[where].clone()))
         if not self.found:
             raise ValueError(
                 f"inversion: no forget caption of {prompts.concept!r} differs from its mapped caption in one "
