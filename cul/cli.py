@@ -830,7 +830,7 @@ def report(
         steps = sorted({r["steps"] for r in records.values()})
         requests = "request" if steps == [1] else "requests"
         title = f"recovery after {'/'.join(map(str, steps))} {requests} ({probes})"
-        console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title)}")
+        console.print(f"-> {robustness_bars(records, out / 'robustness.png', title=title, runs=list(found))}")
 
 
 hooks_app = typer.Typer(help="Promotion in the MLflow UI starts the next request (a webhook).", no_args_is_help=True)

@@ -213,11 +213,19 @@ def run_labels(records: dict[str, dict]) -> dict[str, str]:
     return {label: f"{label} (mean{after(record)})" for label, record in records.items()}
 
 
-def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 0.05, title: str = "") -> Path:
+def robustness_bars(
+    records: dict[str, dict],
+    path: str | Path,
+    target: float = 0.05,
+    title: str = "",
+    runs: Sequence[str] = (),
+) -> Path:
     """Recovery under each probe family (`cul.probes.FAMILIES`), one bar group per family and one
     bar per run: the bar is the mean over the family's probes of every forgotten concept (those the
     base model reads, `cul.probes.summarise`), the dot the worst probe.
-    `records` maps a run's label to its `robustness.json`; the dashed line is `target`."""
+    `records` maps a run's label to its `robustness.json`; the dashed line is `target`. `runs`: the
+    labels in `metric_curves`' order, so a run has the same colour in both figures (a run not
+    among them takes a colour after theirs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +244,7 @@ def robustness_bars(records: dict[str, dict], path: str | Path, target: float = 
                 xs.append(j - 0.4 + width * (i + 0.5))
                 means.append(100 * s["mean"])
                 worsts.append(100 * s["worst"])
-        colour = run_colour(i)
+        colour = run_colour(list(runs).index(label) if label in runs else len(runs) + i)
         ax.bar(xs, means, width * 0.9, color=colour, label=names[label])
         ax.plot(xs, worsts, "o", color=colour, markeredgecolor="black", ms=5)
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="worst probe")

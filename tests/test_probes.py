@@ -319,3 +319,19 @@ def test_up_to_twenty_runs_in_one_figure_each_get_a_colour_of_their_own():
     from cul.plots import run_colour
 
     assert len({run_colour(i) for i in range(20)}) == 20
+
+
+def test_a_run_has_the_same_colour_in_the_metric_curves_and_the_robustness_bars(tmp_path, monkeypatch):
+    """A run without robustness.json ("a") must not shift the colours of the runs after it."""
+    from cul import plots
+    from cul.probes import FAMILIES
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    step = {"step": 1, **{key: 1.0 for key, _, _ in plots.BENCH_METRICS}}
+    plots.metric_curves({"a": [step], "b": [step]}, tmp_path / "m.png")
+    record = {"steps": 1, "summary": {f: {"mean": 0.1, "worst": 0.2} for f in FAMILIES}}
+    plots.robustness_bars({"b": record}, tmp_path / "r.png", runs=["a", "b"])
+    line = next(ln for ln in figures[0].axes[0].lines if ln.get_label() == "b")
+    bar = figures[1].axes[0].patches[0]
+    assert line.get_color() == bar.get_facecolor()[:3] == plots.run_colour(1)
