@@ -136,9 +136,9 @@ class InversionAdversary:
                 "mention": table[torch.tensor(ids, device=table.device)].mean(0, keepdim=True),  # its own words
                 "mean": self.words[0].unsqueeze(0),  # a word that names nothing
             }
+            templates, mapped = [r[1] for r in rows], [r[3] for r in rows]
             for where in ("mention", "mean") if self.spec.start == "both" else (self.spec.start,):
                 label = f"{name} (from the mean)" if self.spec.start == "both" and where == "mean" else name
-                templates, mapped = [r[1] for r in rows], [r[3] for r in rows]
                 self.found.append(Forgotten(label, templates, captions, mapped, x0, starts[where].clone()))
         if not self.found:
             raise ValueError(
