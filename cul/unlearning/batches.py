@@ -162,6 +162,22 @@ class Batches:
             x0["mapped"],
         )
 
+    def relearn(self, gen: torch.Generator, data: str, n: int) -> RetainBatch:
+        """`n` of theta_0's samples of retained captions, as an attacker who fine-tunes on kept data
+        would hold them (`Relearning`): the concept's neighbours' (`data="neighbour"`) or every kept
+        caption's ("retain"). Needs `retain_teacher: base`, whose "retain_base" source holds them,
+        the neighbours first."""
+        if "retain_base" not in self.sources:
+            raise ValueError("relearning needs theta_0's samples of the retained captions (retain_teacher: base)")
+        kept, c = split_retain(self.prompts)[0], self.copies
+        m = len(self.prompts.retain.get("neighbour", [])) if data == "neighbour" else len(kept)
+        if not m:
+            raise ValueError(
+                f"relearning on {data!r} data: the prompt set of {self.prompts.concept!r} has no such captions"
+            )
+        idx = torch.randint(0, m * c, (n,), generator=gen).tolist()
+        return RetainBatch([kept[i // c] for i in idx], self.sources["retain_base"].take(idx))
+
     def retain(self, gen: torch.Generator) -> list[tuple[str, RetainBatch, float]]:
         """One retain batch over all retain prompts (with `forgotten_share` of it from the earlier
         forgotten concepts', when set), split by source: (source, batch, share of the batch)."""

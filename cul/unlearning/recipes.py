@@ -218,10 +218,33 @@ class Inversion(BaseModel):
         return drop_unset(handler(self), {"random_share": 0.0, "start": "mention"})
 
 
+class Relearning(BaseModel):
+    """Erasure that holds after fine-tuning (meta-unlearning, Gao et al., 2024): every `every`
+    training steps, a copy of the student is fine-tuned for `steps` steps on theta_0's images of
+    retained captions, as the relearning attack does, and L_unl is asked to hold at the weights it
+    reaches too (`cul/unlearning/objectives/relearning.py`). An experiment: each simulation costs
+    `steps` forward and backward passes, and the term one more per training step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: training steps between simulations (the first runs before the first step).
+    every: int = Field(50, ge=1)
+    #: AdamW steps of each simulated fine-tuning.
+    steps: int = Field(20, ge=1)
+    #: its learning rate (the relearning attack's, `cul.probes.ProbeSpec.relearn_lr`).
+    lr: float = Field(2e-4, gt=0)
+    #: images per simulated fine-tuning step.
+    batch: int = Field(16, ge=1)
+    #: what it fine-tunes on: the concept's neighbours' captions, or every retained caption.
+    data: Literal["neighbour", "retain"] = "neighbour"
+    #: weight of the term, relative to l_unl.
+    weight: float = Field(1.0, gt=0)
+
+
 #: options absent from a recipe's dump and hash while unset (at these values), so recipes made before them keep
 #: their hashes.
 UNSET_OPTIONS: dict[str, object] = {
-    **dict.fromkeys(("adversarial", "inversion", "resteer_images", "surrogate_push")),
+    **dict.fromkeys(("adversarial", "inversion", "relearning", "resteer_images", "surrogate_push")),
     "forgotten_images": "previous",
 }
 
@@ -276,6 +299,9 @@ class DFRRecipe(AdversarialOption, RecipeBase):
     forgotten_images: Literal["previous", "both"] = "previous"
     #: erasure against textual inversion (None: off); see `Inversion`. Needs retain_teacher base.
     inversion: Inversion | None = None
+    #: erasure that holds after fine-tuning on kept data (None: off); see `Relearning`. Needs
+    #: retain_teacher base.
+    relearning: Relearning | None = None
     #: the images the re-steering term noises. None: DFR's, the teacher's samples of the forget
     #: prompts (the concept's own trajectories); "mapped": theta_0's samples of the mapped prompts
     #: (the surrogate's images, as Concept Ablation trains on); "both": each forget batch on both.
@@ -315,6 +341,11 @@ class DFRRecipe(AdversarialOption, RecipeBase):
             raise ValueError(
                 "forgotten_images: both with projection: gradient projection protects the earlier forgotten "
                 "prompts' keys and values, which L_rehold trains"
+            )
+        if self.relearning is not None and (self.retain_teacher != "base" or self.l_pres == 0):
+            raise ValueError(
+                "relearning needs retain_teacher: base and l_pres > 0 (it fine-tunes on theta_0's samples of "
+                "the retained captions)"
             )
         if self.inversion is not None and (self.retain_teacher != "base" or self.forgotten_target != "mapped"):
             raise ValueError(

@@ -25,7 +25,9 @@ of many clean scenes, reusing replayed images). `adversarial` (AdvUnlearn) adds
 delta* the inner minimiser of `adversarial_context` (`objectives/adversarial.py`): the context near
 the forget prompt's under which theta draws the concept again. `inversion` (STEREO's search,
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
-concept must lead to the surrogate too. `resteer_images` noises the surrogate's images in L_unl
+concept must lead to the surrogate too. `relearning` (meta-unlearning, `objectives/relearning.py`)
+adds L_relearn = L_unl(theta + sg[Delta]), Delta a simulated fine-tuning on kept data: the erasure
+must hold after it too. `resteer_images` noises the surrogate's images in L_unl
 instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)), pushed by
 `surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)). `forgotten_images: both` adds
 
@@ -44,6 +46,7 @@ from cul.unlearning.batches import ForgetBatch, RetainBatch
 from cul.unlearning.objectives.adversarial import adversarial_context
 from cul.unlearning.objectives.common import noised, pushed_target
 from cul.unlearning.objectives.inversion import InversionAdversary
+from cul.unlearning.objectives.relearning import RelearningAdversary
 
 
 def resteer_images(
@@ -135,6 +138,10 @@ class DFR:
             self.inversion = InversionAdversary(
                 recipe.inversion, keep_teacher, recipe.seed, recipe.replay_steps, recipe.replay_guidance
             )
+        self.relearning = None
+        if recipe.relearning is not None:
+            self.weights["relearn"] = recipe.l_unl * recipe.relearning.weight
+            self.relearning = RelearningAdversary(recipe.relearning)
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
         r = self.recipe
@@ -151,6 +158,10 @@ class DFR:
             if not self.inversion.found:
                 self.inversion.prepare(batches.prompts)
             terms["inv"] = self.inversion.loss(student, gen, r.t_max, r.push)
+        if self.relearning is not None:
+            terms["relearn"] = self.relearning.loss(
+                student, batches, gen, lambda model: self.forget_term(model, batches, gen)
+            )
         if batches.has_rehold:
             terms["rehold"] = resteer_loss(student, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
         if r.l_pres > 0 and batches.has_retain:

@@ -1,0 +1,87 @@
+"""Erasure that holds after fine-tuning (meta-unlearning: Gao et al., "Meta-Unlearning on Diffusion
+Models: Preventing Relearning Unlearned Concepts", 2024), in a continual step.
+
+"Erased or Dormant?": a few fine-tuning steps on data the model keeps, a neighbour of the concept
+above all, bring an erased concept back (the `relearn_*` attacks of `cul.probes`;
+reports/benchmark/README.md, "Under attack"). Meta-unlearning asks the erasure to hold at the weights
+such fine-tuning reaches, not only at the student's own:
+
+    Delta     = FT_k(theta) - theta,       k AdamW steps of the plain denoising loss,
+                                           || eps_theta(x_t, t, r) - eps ||^2, on theta_0's images
+                                           of retained captions r (the neighbours', or all of them)
+    L_relearn = L_unl(theta + sg[Delta]).
+
+Its gradient in theta is L_unl's gradient at the fine-tuned weights: MAML's first-order
+approximation, which drops how Delta itself depends on theta. Delta is simulated again from the
+student every `every` training steps and held in between. Only the request's concept is asked to
+hold; the earlier ones keep their own terms.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from cul import threads
+from cul.unlearning.objectives.common import noised
+
+
+class Shifted:
+    """`model` seen at its UNet's weights plus `delta`: `predict_noise` runs the UNet on
+    theta + delta, and gradients reach theta. Everything else is `model`'s."""
+
+    def __init__(self, model, delta: dict[str, torch.Tensor]) -> None:
+        self.model, self.delta = model, delta
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        weights = {n: p + self.delta[n] for n, p in self.model.unet.named_parameters()}
+        return functional_call(self.model.unet, weights, (x_t, t), {"encoder_hidden_states": context}).sample
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+class RelearningAdversary:
+    """The simulated fine-tuning and the erasure term of one step.
+
+    Args:
+        spec: `cul.unlearning.recipes.Relearning`.
+    """
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.delta: dict[str, torch.Tensor] | None = None
+        self.calls = 0
+
+    def simulate(self, student, batches, gen: torch.Generator) -> None:
+        """Delta: `spec.steps` AdamW steps (`spec.lr`) of a copy of the student's UNet on batches of
+        theta_0's images of retained captions (`spec.data`); the student is left as it is."""
+        spec = self.spec
+        scratch = copy.deepcopy(student.unet).train().requires_grad_(True)
+        opt = torch.optim.AdamW(scratch.parameters(), lr=spec.lr)
+        for _ in range(spec.steps):
+            threads.tick()
+            b = batches.relearn(gen, spec.data, spec.batch)
+            x_t, t, noise = noised(student, b.x0, gen)
+            with torch.no_grad():
+                context = student.encode_prompts(b.prompts)
+            loss = F.mse_loss(scratch(x_t, t, encoder_hidden_states=context).sample.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        own = dict(student.unet.named_parameters())
+        self.delta = {n: (p.detach() - own[n].detach()) for n, p in scratch.named_parameters()}
+
+    def loss(self, student, batches, gen: torch.Generator, forget_loss) -> torch.Tensor:
+        """L_relearn: `forget_loss(model)` (L_unl on a fresh forget batch) at the student's weights
+        plus Delta. Simulates Delta first when `spec.every` steps have passed."""
+        if self.calls % self.spec.every == 0:
+            self.simulate(student, batches, gen)
+        self.calls += 1
+        assert self.delta is not None
+        return forget_loss(Shifted(student, self.delta))

@@ -1,0 +1,71 @@
+"""Erasure that holds after fine-tuning (meta-unlearning, `cul/unlearning/objectives/relearning.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from cul.unlearning.batches import Batches, replay_sources
+from cul.unlearning.objectives.relearning import RelearningAdversary, Shifted
+from cul.unlearning.recipes import DFRRecipe, Relearning, recipe_hash
+from cul.unlearning.trainer import unlearn
+
+SMALL = Relearning(every=2, steps=2, batch=4)
+RECIPE = DFRRecipe(steps=3, forget_batch=4, retain_batch=4, replay_steps=2, replay_guidance=1.0, relearning=SMALL)
+
+
+def test_the_shifted_model_is_the_model_at_the_moved_weights_and_its_gradient_reaches_the_own(tiny_world_model):
+    """L(theta + sg[Delta]): the value and the gradient in theta are those of a model whose weights
+    are theta + Delta (MAML's first-order step)."""
+    student = tiny_world_model.copy()
+    student.unet.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    delta = {n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in student.unet.named_parameters()}
+    moved = tiny_world_model.copy()
+    with torch.no_grad():
+        for n, p in moved.unet.named_parameters():
+            p.add_(delta[n])
+    moved.unet.requires_grad_(True)
+    x_t, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([10, 500])
+    context = student.encode_prompts(["a red circle", "a blue square"])
+    target = torch.randn(2, 3, 16, 16, generator=gen)
+
+    F.mse_loss(Shifted(student, delta).predict_noise(x_t, t, context), target).backward()
+    F.mse_loss(moved.predict_noise(x_t, t, context), target).backward()
+    pairs = list(zip(student.unet.parameters(), moved.unet.parameters(), strict=True))
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in pairs if b.grad is not None)
+    assert any(b.grad.abs().sum() > 0 for _, b in pairs if b.grad is not None)
+    with torch.no_grad():
+        assert not torch.allclose(student.predict_noise(x_t, t, context), moved.predict_noise(x_t, t, context))
+
+
+def test_the_simulated_fine_tuning_moves_a_copy_on_the_neighbours_images_only(tiny_world_model, after_red):
+    sources = replay_sources(tiny_world_model, after_red, RECIPE, keep_teacher=tiny_world_model)
+    batches = Batches(after_red, sources, RECIPE)
+    neighbours = set(after_red.retain["neighbour"])
+    gen = torch.Generator().manual_seed(0)
+    assert set(batches.relearn(gen, "neighbour", 32).prompts) <= neighbours
+    assert set(batches.relearn(gen, "retain", 64).prompts) - neighbours  # every kept caption
+
+    student = tiny_world_model.copy()
+    before = [p.detach().clone() for p in student.unet.parameters()]
+    adversary = RelearningAdversary(SMALL)
+    adversary.simulate(student, batches, gen)
+    assert adversary.delta is not None and any(d.abs().sum() > 0 for d in adversary.delta.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, student.unet.parameters(), strict=True))
+
+
+def test_dfr_with_relearning_trains_its_term_and_production_is_unchanged(tiny_world_model, after_red):
+    result = unlearn(tiny_world_model, after_red, RECIPE, base=tiny_world_model)
+    assert all("relearn" in row and row["relearn"] > 0 for row in result.history)
+    assert "relearning" not in DFRRecipe().model_dump()  # unset: out of the dump and the hash
+    assert recipe_hash(RECIPE) != recipe_hash(RECIPE.model_copy(update={"relearning": None}))
+
+
+def test_relearning_needs_theta_0s_samples_of_the_kept_captions():
+    with pytest.raises(ValidationError, match="relearning needs retain_teacher: base"):
+        DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous", relearning=SMALL)
+    with pytest.raises(ValidationError, match="l_pres > 0"):
+        DFRRecipe(l_pres=0, relearning=SMALL)
