@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,34 @@ def test_dfr_with_relearning_trains_its_term_and_production_is_unchanged(tiny_wo
     assert all("relearn" in row and row["relearn"] > 0 for row in result.history)
     assert "relearning" not in DFRRecipe().model_dump()  # unset: out of the dump and the hash
     assert recipe_hash(RECIPE) != recipe_hash(RECIPE.model_copy(update={"relearning": None}))
+
+
+def test_both_data_draws_half_from_the_neighbours_and_the_earlier_concepts_come_with_their_targets(
+    tiny_world_model, after_red
+):
+    sources = replay_sources(tiny_world_model, after_red, RECIPE, keep_teacher=tiny_world_model)
+    batches = Batches(after_red, sources, RECIPE)
+    neighbours = set(after_red.retain["neighbour"])
+    gen = torch.Generator().manual_seed(0)
+    both = batches.relearn(gen, "both", 64).prompts
+    assert set(both[:32]) <= neighbours and set(both[32:]) - neighbours and len(both) == 64
+
+    gone = batches.forgotten(gen)  # forgotten_share 0.25 of retain_batch 4: one of red's captions
+    mapped = dict(zip(after_red.retain["forgotten"], after_red.forgotten_mapped, strict=True))
+    assert gone is not None and len(gone.prompts) == 1 and gone.x0.shape[0] == 1
+    assert gone.targets == [mapped[p] for p in gone.prompts]
+    first = replace(after_red, retain={g: ps for g, ps in after_red.retain.items() if g != "forgotten"})
+    first = replace(first, forgotten_mapped=[])
+    alone = Batches(first, replay_sources(tiny_world_model, first, RECIPE, keep_teacher=tiny_world_model), RECIPE)
+    assert alone.forgotten(gen) is None  # a first request has no earlier concept to hold
+
+
+def test_holding_every_concept_trains_the_earlier_ones_terms_at_the_moved_weights(tiny_world_model, after_red):
+    every = RECIPE.model_copy(update={"relearning": SMALL.model_copy(update={"hold": "all", "data": "both"})})
+    result = unlearn(tiny_world_model, after_red, every, base=tiny_world_model)
+    assert all(row["relearn"] > 0 and row["relearn_gone"] > 0 for row in result.history)
+    assert "hold" not in SMALL.model_dump()  # unset: dfr_relearn keeps its hash
+    assert recipe_hash(every) != recipe_hash(RECIPE)
 
 
 def test_relearning_needs_theta_0s_samples_of_the_kept_captions():

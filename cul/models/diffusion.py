@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch.func import functional_call
 
 from cul import threads
 from cul.device import autocast, place
@@ -127,9 +128,19 @@ class DiffusionModel:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.text.encode(prompts).to(self.device)
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def predict_noise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """eps(x_t, t, context). `weights`: the UNet's parameters by name to run it with instead of
+        its own (`torch.func.functional_call`; gradients reach whatever they were computed from)."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        if weights is not None:
+            return functional_call(self.unet, weights, (x_t, t), {"encoder_hidden_states": context}).sample
         return self.unet(x_t, t, encoder_hidden_states=context).sample
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

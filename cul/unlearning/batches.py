@@ -164,19 +164,34 @@ class Batches:
 
     def relearn(self, gen: torch.Generator, data: str, n: int) -> RetainBatch:
         """`n` of theta_0's samples of retained captions, as an attacker who fine-tunes on kept data
-        would hold them (`Relearning`): the concept's neighbours' (`data="neighbour"`) or every kept
-        caption's ("retain"). Needs `retain_teacher: base`, whose "retain_base" source holds them,
-        the neighbours first."""
+        would hold them (`Relearning`): the concept's neighbours' (`data="neighbour"`), every kept
+        caption's ("retain"), or half of each ("both"). Needs `retain_teacher: base`, whose
+        "retain_base" source holds them, the neighbours first."""
         if "retain_base" not in self.sources:
             raise ValueError("relearning needs theta_0's samples of the retained captions (retain_teacher: base)")
         kept, c = split_retain(self.prompts)[0], self.copies
-        m = len(self.prompts.retain.get("neighbour", [])) if data == "neighbour" else len(kept)
-        if not m:
+        n_neighbours = len(self.prompts.retain.get("neighbour", []))
+        if not n_neighbours and data != "retain":
             raise ValueError(
-                f"relearning on {data!r} data: the prompt set of {self.prompts.concept!r} has no such captions"
+                f"relearning on {data!r} data: the prompt set of {self.prompts.concept!r} has no neighbour captions"
             )
-        idx = torch.randint(0, m * c, (n,), generator=gen).tolist()
+        parts = {"neighbour": [(n_neighbours, n)], "retain": [(len(kept), n)]}
+        parts["both"] = [(n_neighbours, n // 2), (len(kept), n - n // 2)]
+        idx = [i for m, k in parts[data] for i in torch.randint(0, m * c, (k,), generator=gen).tolist()]
         return RetainBatch([kept[i // c] for i in idx], self.sources["retain_base"].take(idx))
+
+    def forgotten(self, gen: torch.Generator) -> RetainBatch | None:
+        """The earlier forgotten concepts' share of a retain batch (theta_{k-1}'s samples of their
+        captions, with their targets' captions), drawn on its own; None when there are none."""
+        n = self.fixed_gone or round(self.recipe.retain_batch * self.n_gone / max(1, self.n_kept + self.n_gone))
+        if not self.n_gone or not n:
+            return None
+        idx = torch.randint(0, self.n_gone, (n,), generator=gen).tolist()
+        c, pool = self.copies, self.pool[self.n_kept // self.copies :]
+        prompts = [pool[i // c][1] for i in idx]
+        rows = [pool[i // c][2] * c + i % c for i in idx]
+        targets = [self.gone_targets[j // c] for j in rows] if self.gone_targets is not None else None
+        return RetainBatch(prompts, self.sources["retain"].take(rows), targets)
 
     def retain(self, gen: torch.Generator) -> list[tuple[str, RetainBatch, float]]:
         """One retain batch over all retain prompts (with `forgotten_share` of it from the earlier

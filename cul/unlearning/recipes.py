@@ -221,9 +221,10 @@ class Inversion(BaseModel):
 class Relearning(BaseModel):
     """Erasure that holds after fine-tuning (meta-unlearning, Gao et al., 2024): every `every`
     training steps, a copy of the student is fine-tuned for `steps` steps on theta_0's images of
-    retained captions, as the relearning attack does, and L_unl is asked to hold at the weights it
-    reaches too (`cul/unlearning/objectives/relearning.py`). An experiment: each simulation costs
-    `steps` forward and backward passes, and the term one more per training step."""
+    retained captions, as the relearning attack does, and L_unl (with `hold: all`, every forgotten
+    concept's erasure terms) is asked to hold at the weights it reaches too
+    (`cul/unlearning/objectives/relearning.py`). An experiment: each simulation costs `steps` forward
+    and backward passes, and the terms one more per training step each."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -235,10 +236,19 @@ class Relearning(BaseModel):
     lr: float = Field(2e-4, gt=0)
     #: images per simulated fine-tuning step.
     batch: int = Field(16, ge=1)
-    #: what it fine-tunes on: the concept's neighbours' captions, or every retained caption.
-    data: Literal["neighbour", "retain"] = "neighbour"
-    #: weight of the term, relative to l_unl.
+    #: what it fine-tunes on: the concept's neighbours' captions, every retained caption, or `both`
+    #: (half of each batch from each: the two relearning attacks of `cul.probes`).
+    data: Literal["neighbour", "retain", "both"] = "neighbour"
+    #: weight of the terms, relative to the weights they have at theta (l_unl; l_pres for the
+    #: earlier concepts' share of L_pres).
     weight: float = Field(1.0, gt=0)
+    #: which erasures must hold at the fine-tuned weights: the request's concept (`request`), or
+    #: every forgotten concept (`all`: the terms that keep the earlier ones forgotten too).
+    hold: Literal["request", "all"] = "request"
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return drop_unset(handler(self), {"hold": "request"})
 
 
 #: options absent from a recipe's dump and hash while unset (at these values), so recipes made before them keep

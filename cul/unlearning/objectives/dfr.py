@@ -27,9 +27,10 @@ the forget prompt's under which theta draws the concept again. `inversion` (STER
 `objectives/inversion.py`) adds L_inv: the new words textual inversion finds for every forgotten
 concept must lead to the surrogate too. `relearning` (meta-unlearning, `objectives/relearning.py`)
 adds L_relearn = L_unl(theta + sg[Delta]), Delta a simulated fine-tuning on kept data: the erasure
-must hold after it too. `resteer_images` noises the surrogate's images in L_unl
-instead of, or beside, the concept's own (Concept Ablation's x_0 ~ p(x | p_m)), pushed by
-`surrogate_push` (0: Concept Ablation's target eps_T(x_t, p_m)). `forgotten_images: both` adds
+must hold after it too (with `hold: all`, the earlier concepts' erasure terms as well).
+`resteer_images` noises the surrogate's images in L_unl instead of, or beside, the concept's own
+(Concept Ablation's x_0 ~ p(x | p_m)), pushed by `surrogate_push` (0: Concept Ablation's target
+eps_T(x_t, p_m)). `forgotten_images: both` adds
 
     L_rehold = E_{t < T_max} || eps_theta(x_t, t, p_g) - sg[pushed eps_T(x_t, t, p_g -> p_m)] ||^2,
 
@@ -140,12 +141,32 @@ class DFR:
             )
         self.relearning = None
         if recipe.relearning is not None:
-            self.weights["relearn"] = recipe.l_unl * recipe.relearning.weight
+            w = recipe.relearning.weight
+            self.weights |= {
+                "relearn": recipe.l_unl * w,
+                "relearn_gone": recipe.l_pres * w,
+                "relearn_rehold": recipe.l_unl * w,
+            }
             self.relearning = RelearningAdversary(recipe.relearning)
 
     def forget_term(self, student, batches, gen: torch.Generator) -> torch.Tensor:
         r = self.recipe
         return resteer_loss(student, self.keep, batches.forget(gen), gen, r.t_max, r.push, r.surrogate_push)
+
+    def held(self, model, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The erasure terms `relearning` asks to hold after a simulated fine-tuning (`model`: the
+        student at theta + sg[Delta]): L_unl; with `hold: all`, the earlier forgotten concepts' share
+        of L_pres and L_rehold too, each scaled by its share of the batch as at theta."""
+        r = self.recipe
+        terms = {"relearn": self.forget_term(model, batches, gen)}
+        if r.relearning.hold == "all":
+            gone = batches.forgotten(gen)
+            if gone is not None:
+                share = len(gone.prompts) / r.retain_batch
+                terms["relearn_gone"] = share * replay_loss(model, self.teachers["retain"], gone, gen)
+            if batches.has_rehold:
+                terms["relearn_rehold"] = resteer_loss(model, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
+        return terms
 
     def losses(self, student, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
         r = self.recipe
@@ -159,9 +180,7 @@ class DFR:
                 self.inversion.prepare(batches.prompts)
             terms["inv"] = self.inversion.loss(student, gen, r.t_max, r.push)
         if self.relearning is not None:
-            terms["relearn"] = self.relearning.loss(
-                student, batches, gen, lambda model: self.forget_term(model, batches, gen)
-            )
+            terms |= self.relearning.losses(student, batches, gen, lambda model: self.held(model, batches, gen))
         if batches.has_rehold:
             terms["rehold"] = resteer_loss(student, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
         if r.l_pres > 0 and batches.has_retain:

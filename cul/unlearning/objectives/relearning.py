@@ -13,17 +13,17 @@ such fine-tuning reaches, not only at the student's own:
 
 Its gradient in theta is L_unl's gradient at the fine-tuned weights: MAML's first-order
 approximation, which drops how Delta itself depends on theta. Delta is simulated again from the
-student every `every` training steps and held in between. Only the request's concept is asked to
-hold; the earlier ones keep their own terms.
+student every `every` training steps and held in between. With `hold: request` only the request's
+concept is asked to hold at theta + Delta. With `hold: all` the earlier forgotten concepts are too:
+the terms that keep them forgotten at theta (their share of L_pres, distilled toward theta_0 on the
+surrogate's caption; L_rehold where the recipe has it) are added at theta + sg[Delta] as well, since
+a concept erased at an earlier step is what the attack revives most after a sequence.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from cul import threads
 from cul.unlearning.objectives.common import noised
@@ -37,17 +37,15 @@ class Shifted:
         self.model, self.delta = model, delta
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
         weights = {n: p + self.delta[n] for n, p in self.model.unet.named_parameters()}
-        return functional_call(self.model.unet, weights, (x_t, t), {"encoder_hidden_states": context}).sample
+        return self.model.predict_noise(x_t, t, context, weights=weights)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
 
 class RelearningAdversary:
-    """The simulated fine-tuning and the erasure term of one step.
+    """The simulated fine-tuning and the erasure terms of one step.
 
     Args:
         spec: `cul.unlearning.recipes.Relearning`.
@@ -62,26 +60,28 @@ class RelearningAdversary:
         """Delta: `spec.steps` AdamW steps (`spec.lr`) of a copy of the student's UNet on batches of
         theta_0's images of retained captions (`spec.data`); the student is left as it is."""
         spec = self.spec
-        scratch = copy.deepcopy(student.unet).train().requires_grad_(True)
-        opt = torch.optim.AdamW(scratch.parameters(), lr=spec.lr)
+        scratch = student.copy()
+        scratch.unet.train().requires_grad_(True)
+        opt = torch.optim.AdamW(scratch.unet.parameters(), lr=spec.lr)
         for _ in range(spec.steps):
             threads.tick()
             b = batches.relearn(gen, spec.data, spec.batch)
             x_t, t, noise = noised(student, b.x0, gen)
             with torch.no_grad():
                 context = student.encode_prompts(b.prompts)
-            loss = F.mse_loss(scratch(x_t, t, encoder_hidden_states=context).sample.float(), noise)
+            loss = F.mse_loss(scratch.predict_noise(x_t, t, context).float(), noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         own = dict(student.unet.named_parameters())
-        self.delta = {n: (p.detach() - own[n].detach()) for n, p in scratch.named_parameters()}
+        self.delta = {n: (p.detach() - own[n].detach()) for n, p in scratch.unet.named_parameters()}
 
-    def loss(self, student, batches, gen: torch.Generator, forget_loss) -> torch.Tensor:
-        """L_relearn: `forget_loss(model)` (L_unl on a fresh forget batch) at the student's weights
-        plus Delta. Simulates Delta first when `spec.every` steps have passed."""
+    def losses(self, student, batches, gen: torch.Generator, held) -> dict[str, torch.Tensor]:
+        """`held(model)`, the erasure terms asked to hold (L_unl; with `hold: all` the earlier
+        concepts' too), at the student's weights plus Delta. Simulates Delta first when `spec.every`
+        steps have passed."""
         if self.calls % self.spec.every == 0:
             self.simulate(student, batches, gen)
         self.calls += 1
         assert self.delta is not None
-        return forget_loss(Shifted(student, self.delta))
+        return held(Shifted(student, self.delta))
