@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from cul.unlearning.batches import Batches, replay_sources
+from cul.unlearning.objectives.dfr import DFR
 from cul.unlearning.objectives.relearning import RelearningAdversary, Shifted
 from cul.unlearning.recipes import DFRRecipe, Relearning, recipe_hash
 from cul.unlearning.trainer import unlearn
@@ -86,8 +87,48 @@ def test_both_data_draws_half_from_the_neighbours_and_the_earlier_concepts_come_
     assert alone.forgotten(gen) is None  # a first request has no earlier concept to hold
 
 
-def test_holding_every_concept_trains_the_earlier_ones_terms_at_the_moved_weights(tiny_world_model, after_red):
+def test_the_earlier_concepts_images_keep_their_captions_with_several_copies(tiny_world_model, after_red):
+    two = RECIPE.model_copy(update={"replay_copies": 2, "retain_batch": 16})
+    sources = replay_sources(tiny_world_model, after_red, two, keep_teacher=tiny_world_model)
+    gone = Batches(after_red, sources, two).forgotten(torch.Generator().manual_seed(0))
+    src = sources["retain"]
+    assert len(src.prompts) == 2 * len(after_red.retain["forgotten"])  # the buffer lists each copy
+    rows = {j: src.take([j])[0] for j in range(len(src.prompts))}
+    assert gone is not None and len(gone.prompts) == 4
+    for prompt, x in zip(gone.prompts, gone.x0, strict=True):
+        assert any(torch.equal(x, img) and src.prompts[j] == prompt for j, img in rows.items())
+
+    both = two.model_copy(update={"forgotten_images": "both", "forget_batch": 16})
+    sources = replay_sources(tiny_world_model, after_red, both, keep_teacher=tiny_world_model)
+    again = Batches(after_red, sources, both).rehold(torch.Generator().manual_seed(0))
+    src = sources["forgotten_base"]
+    for prompt, x in zip(again.forget, again.x0_forget, strict=True):
+        assert any(torch.equal(x, src.take([j])[0]) and src.prompts[j] == prompt for j in range(len(src.prompts)))
+
+
+def test_holding_every_concept_asks_the_earlier_ones_terms_at_the_moved_weights(tiny_world_model, after_red):
     every = RECIPE.model_copy(update={"relearning": SMALL.model_copy(update={"hold": "all", "data": "both"})})
+    objective = DFR(every, tiny_world_model, tiny_world_model, None)
+    assert objective.weights["relearn_gone"] == every.l_pres and objective.weights["relearn"] == every.l_unl
+    batches = Batches(
+        after_red, replay_sources(tiny_world_model, after_red, every, keep_teacher=tiny_world_model), every
+    )
+    student = tiny_world_model.copy()
+    delta = {n: 0.05 * torch.randn_like(p) for n, p in student.unet.named_parameters()}
+    moved = tiny_world_model.copy()
+    with torch.no_grad():
+        for n, p in moved.unet.named_parameters():
+            p.add_(delta[n])
+
+    def at(model):
+        return objective.held(model, batches, torch.Generator().manual_seed(3))
+
+    shifted, expected, own = at(Shifted(student, delta)), at(moved), at(student)
+    assert set(shifted) == {"relearn", "relearn_gone"}  # no forgotten_base source: no L_rehold
+    for name in shifted:
+        assert torch.allclose(shifted[name], expected[name], atol=1e-6)
+        assert not torch.allclose(shifted[name], own[name])
+
     result = unlearn(tiny_world_model, after_red, every, base=tiny_world_model)
     assert all(row["relearn"] > 0 and row["relearn_gone"] > 0 for row in result.history)
     assert "hold" not in SMALL.model_dump()  # unset: dfr_relearn keeps its hash

@@ -139,7 +139,7 @@ class Batches:
     def rehold(self, gen: torch.Generator) -> ForgetBatch:
         """`forget_batch` of theta_0's samples of the earlier forgotten concepts' prompts, as a forget
         batch with their mapped captions (`forgotten_images: both`)."""
-        gone = self.sources["forgotten_base"].prompts
+        gone = split_retain(self.prompts)[1]  # the source's own list repeats each caption per copy
         idx = torch.randint(0, len(gone) * self.copies, (self.recipe.forget_batch,), generator=gen).tolist()
         return ForgetBatch(
             "earlier forgotten",
@@ -183,7 +183,9 @@ class Batches:
     def forgotten(self, gen: torch.Generator) -> RetainBatch | None:
         """The earlier forgotten concepts' share of a retain batch (theta_{k-1}'s samples of their
         captions, with their targets' captions), drawn on its own; None when there are none."""
-        n = self.fixed_gone or round(self.recipe.retain_batch * self.n_gone / max(1, self.n_kept + self.n_gone))
+        n = self.fixed_gone
+        if n is None:  # no fixed share: as many as a retain batch draws on average
+            n = round(self.recipe.retain_batch * self.n_gone / max(1, self.n_kept + self.n_gone))
         if not self.n_gone or not n:
             return None
         idx = torch.randint(0, self.n_gone, (n,), generator=gen).tolist()

@@ -155,15 +155,15 @@ class DFR:
 
     def held(self, model, batches, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The erasure terms `relearning` asks to hold after a simulated fine-tuning (`model`: the
-        student at theta + sg[Delta]): L_unl; with `hold: all`, the earlier forgotten concepts' share
-        of L_pres and L_rehold too, each scaled by its share of the batch as at theta."""
+        student at theta + sg[Delta]): L_unl; with `hold: all`, the earlier forgotten concepts' part of
+        L_pres (scaled by its share of a retain batch, as at theta) and L_rehold too."""
         r = self.recipe
         terms = {"relearn": self.forget_term(model, batches, gen)}
         if r.relearning.hold == "all":
             gone = batches.forgotten(gen)
             if gone is not None:
                 share = len(gone.prompts) / r.retain_batch
-                terms["relearn_gone"] = share * replay_loss(model, self.teachers["retain"], gone, gen)
+                terms["relearn_gone"] = share * replay_loss(model, self.teachers["retain"], gone, gen, r.replay_uncond)
             if batches.has_rehold:
                 terms["relearn_rehold"] = resteer_loss(model, self.keep, batches.rehold(gen), gen, r.t_max, r.push)
         return terms

@@ -8,16 +8,19 @@ such fine-tuning reaches, not only at the student's own:
 
     Delta     = FT_k(theta) - theta,       k AdamW steps of the plain denoising loss,
                                            || eps_theta(x_t, t, r) - eps ||^2, on theta_0's images
-                                           of retained captions r (the neighbours', or all of them)
+                                           of retained captions r (the neighbours', all of them,
+                                           or half of each)
     L_relearn = L_unl(theta + sg[Delta]).
 
 Its gradient in theta is L_unl's gradient at the fine-tuned weights: MAML's first-order
 approximation, which drops how Delta itself depends on theta. Delta is simulated again from the
 student every `every` training steps and held in between. With `hold: request` only the request's
 concept is asked to hold at theta + Delta. With `hold: all` the earlier forgotten concepts are too:
-the terms that keep them forgotten at theta (their share of L_pres, distilled toward theta_0 on the
-surrogate's caption; L_rehold where the recipe has it) are added at theta + sg[Delta] as well, since
-a concept erased at an earlier step is what the attack revives most after a sequence.
+the terms that keep them forgotten at theta (their part of L_pres, under `forgotten_target: mapped`
+distilled toward theta_0 on the surrogate's caption; L_rehold where the recipe has it) are added at
+theta + sg[Delta] as well: after a sequence the attack revives earlier concepts too. Delta is always
+simulated on the request's own neighbours and kept captions, not on each earlier concept's
+neighbours.
 """
 
 from __future__ import annotations
