@@ -188,12 +188,21 @@ class Batches:
             n = round(self.recipe.retain_batch * self.n_gone / max(1, self.n_kept + self.n_gone))
         if not self.n_gone or not n:
             return None
-        idx = torch.randint(0, self.n_gone, (n,), generator=gen).tolist()
-        c, pool = self.copies, self.pool[self.n_kept // self.copies :]
-        prompts = [pool[i // c][1] for i in idx]
-        rows = [pool[i // c][2] * c + i % c for i in idx]
-        targets = [self.gone_targets[j // c] for j in rows] if self.gone_targets is not None else None
-        return RetainBatch(prompts, self.sources["retain"].take(rows), targets)
+        idx = (self.n_kept + torch.randint(0, self.n_gone, (n,), generator=gen)).tolist()
+        return self._pooled("retain", idx)
+
+    def _pooled(self, name: str, idx: list[int]) -> RetainBatch | None:
+        """The batch of the draws `idx` (positions in the pool, copies counted) that fall in source
+        `name`, with the teacher's captions for the earlier forgotten concepts' under
+        `forgotten_target: mapped`; None when none does (the source is not asked for samples)."""
+        c = self.copies
+        picked = [(self.pool[i // c][1], self.pool[i // c][2] * c + i % c) for i in idx if self.pool[i // c][0] == name]
+        if not picked:
+            return None
+        targets = None
+        if name == "retain" and self.gone_targets is not None:
+            targets = [self.gone_targets[j // c] for _, j in picked]
+        return RetainBatch([p for p, _ in picked], self.sources[name].take([j for _, j in picked]), targets)
 
     def retain(self, gen: torch.Generator) -> list[tuple[str, RetainBatch, float]]:
         """One retain batch over all retain prompts (with `forgotten_share` of it from the earlier
@@ -208,15 +217,7 @@ class Batches:
             )
         out = []
         for name in ("retain", "retain_base"):
-            picked = [
-                (self.pool[i // c][1], self.pool[i // c][2] * c + i % c) for i in idx if self.pool[i // c][0] == name
-            ]
-            if picked:
-                targets = (
-                    [self.gone_targets[j // c] for _, j in picked]
-                    if name == "retain" and self.gone_targets is not None
-                    else None
-                )
-                batch = RetainBatch([p for p, _ in picked], self.sources[name].take([j for _, j in picked]), targets)
-                out.append((name, batch, len(picked) / len(idx)))
+            batch = self._pooled(name, idx)
+            if batch is not None:
+                out.append((name, batch, len(batch.prompts) / len(idx)))
         return out
