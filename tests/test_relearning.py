@@ -140,3 +140,49 @@ def test_relearning_needs_theta_0s_samples_of_the_kept_captions():
         DFRRecipe(retain_teacher="previous", forgotten_share=None, forgotten_target="previous", relearning=SMALL)
     with pytest.raises(ValidationError, match="l_pres > 0"):
         DFRRecipe(l_pres=0, relearning=SMALL)
+
+
+def test_earlier_concepts_attacks_fine_tune_on_their_own_neighbours(tiny_world_model, after_red, tmp_path):
+    """`neighbours_of: all`: a step's first simulation is the request's attack, later ones draw a
+    forgotten concept and fine-tune on the kept captions naming its kept neighbours."""
+    from cul.catalogue import normalise
+    from cul.unlearning.batches import check_prompts
+    from cul.unlearning.preparation import earlier_neighbour_words
+    from cul.unlearning.prompts import PromptSet
+    from cul.world import CATALOGUE
+
+    each = SMALL.model_copy(update={"hold": "all", "neighbours_of": "all"})
+    recipe = RECIPE.model_copy(update={"relearning": each})
+    with pytest.raises(ValueError, match="earlier forgotten concepts' neighbours"):
+        check_prompts(after_red, recipe)  # a prompt set prepared without them
+
+    words = earlier_neighbour_words(CATALOGUE, "circle", ["red", "orange"])
+    assert set(words) == {"red", "orange"}
+    assert "pink" in words["red"] and "orange" not in words["red"]  # a forgotten neighbour is no attack data
+    ps = replace(after_red, earlier_neighbours=earlier_neighbour_words(CATALOGUE, "circle", ["red"]))
+    check_prompts(ps, recipe)
+    assert PromptSet.load(ps.save(tmp_path / "p.json")) == ps
+    assert "earlier_neighbours" not in after_red.save(tmp_path / "q.json").read_text()  # unset: same bytes
+
+    batches = Batches(ps, replay_sources(tiny_world_model, ps, recipe, keep_teacher=tiny_world_model), recipe)
+    gen = torch.Generator().manual_seed(0)
+    reds = batches.relearn(gen, "neighbour", 32, about="red").prompts
+    assert all(any(w in normalise(p).split() for w in ps.earlier_neighbours["red"]) for p in reds)
+    assert set(reds) - set(ps.retain["neighbour"])  # not circle's neighbours
+    old = torch.Generator().manual_seed(5)  # the request's neighbours: the draws made before the option
+    mine = batches.relearn(torch.Generator().manual_seed(5), "neighbour", 8).prompts
+    kept = [p for g in ("neighbour", "retained", "unrelated") for p in ps.retain[g]]
+    assert mine == [kept[i] for i in torch.randint(0, len(ps.retain["neighbour"]), (8,), generator=old).tolist()]
+
+    adversary = RelearningAdversary(each)
+    for _ in range(12):
+        adversary.simulate(tiny_world_model, batches, gen)
+    assert adversary.simulated[0] == "circle" and set(adversary.simulated) == {"circle", "red"}
+    request_only = RelearningAdversary(SMALL.model_copy(update={"hold": "all"}))
+    request_only.simulate(tiny_world_model, batches, gen)
+    request_only.simulate(tiny_world_model, batches, gen)
+    assert request_only.simulated == ["circle", "circle"]
+
+    with pytest.raises(ValidationError, match="needs hold 'all'"):
+        Relearning(neighbours_of="all")
+    assert "neighbours_of" not in SMALL.model_dump()  # unset: earlier relearning recipes keep their hashes

@@ -10,11 +10,13 @@ theta_0's samples of the earlier forgotten concepts' prompts (the concepts as th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cul.catalogue import normalise
 from cul.unlearning.prompts import PromptSet
 from cul.unlearning.replay import OnlineReplay, ReplayBuffer
 
@@ -57,6 +59,13 @@ def check_prompts(prompts: PromptSet, recipe) -> None:
             "forgotten_target 'mapped' needs the prompt set's forgotten_mapped captions "
             "(build it with forgotten_surrogates)"
         )
+    relearning = getattr(recipe, "relearning", None)
+    if relearning is not None and relearning.neighbours_of == "all" and prompts.retain.get("forgotten"):
+        if not prompts.earlier_neighbours:
+            raise ValueError(
+                "relearning neighbours_of 'all' needs the earlier forgotten concepts' neighbours "
+                "(PromptSet.earlier_neighbours: prepare the prompt set with this recipe)"
+            )
 
 
 def replay_sources(
@@ -127,6 +136,7 @@ class Batches:
         self.fixed_gone = round(share * recipe.retain_batch) if share and self.n_kept and self.n_gone else None
         mapped = getattr(recipe, "forgotten_target", "previous") == "mapped"
         self.gone_targets = prompts.forgotten_mapped if mapped else None
+        self._near: dict[str, list[int]] = {}  # earlier concept -> kept captions naming its neighbours
 
     @property
     def has_retain(self) -> bool:
@@ -162,23 +172,45 @@ class Batches:
             x0["mapped"],
         )
 
-    def relearn(self, gen: torch.Generator, data: str, n: int) -> RetainBatch:
+    def relearn(self, gen: torch.Generator, data: str, n: int, about: str | None = None) -> RetainBatch:
         """`n` of theta_0's samples of retained captions, as an attacker who fine-tunes on kept data
         would hold them (`Relearning`): the concept's neighbours' (`data="neighbour"`), every kept
         caption's ("retain"), or half of each ("both"). Needs `retain_teacher: base`, whose
-        "retain_base" source holds them, the neighbours first."""
+        "retain_base" source holds them, the neighbours first. `about`: an earlier forgotten concept
+        whose neighbours to take instead of the request's (the kept captions that name one of
+        them, `PromptSet.earlier_neighbours`; every kept caption where none does)."""
         if "retain_base" not in self.sources:
             raise ValueError("relearning needs theta_0's samples of the retained captions (retain_teacher: base)")
         kept, c = split_retain(self.prompts)[0], self.copies
-        n_neighbours = len(self.prompts.retain.get("neighbour", []))
-        if not n_neighbours and data != "retain":
+        near = list(range(len(self.prompts.retain.get("neighbour", [])))) if about is None else self._naming(about)
+        if not near and about is None and data != "retain":
             raise ValueError(
                 f"relearning on {data!r} data: the prompt set of {self.prompts.concept!r} has no neighbour captions"
             )
-        parts = {"neighbour": [(n_neighbours, n)], "retain": [(len(kept), n)]}
-        parts["both"] = [(n_neighbours, n // 2), (len(kept), n - n // 2)]
-        idx = [i for m, k in parts[data] for i in torch.randint(0, m * c, (k,), generator=gen).tolist()]
+        near = near or list(range(len(kept)))
+        everything = list(range(len(kept)))
+        parts = {"neighbour": [(near, n)], "retain": [(everything, n)]}
+        parts["both"] = [(near, n // 2), (everything, n - n // 2)]
+        idx = [
+            pool[k // c] * c + k % c
+            for pool, m in parts[data]
+            for k in torch.randint(0, len(pool) * c, (m,), generator=gen).tolist()
+        ]
         return RetainBatch([kept[i // c] for i in idx], self.sources["retain_base"].take(idx))
+
+    def _naming(self, about: str) -> list[int]:
+        """Positions in the kept captions of those that name one of `about`'s kept neighbours."""
+        if about not in self._near:
+            words = self.prompts.earlier_neighbours.get(about)
+            if words is None:
+                raise ValueError(
+                    f"no neighbours recorded for the earlier forgotten concept {about!r}: "
+                    "prepare the prompt set with the recipe (PromptSet.earlier_neighbours)"
+                )
+            pattern = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words)) if words else None
+            kept = split_retain(self.prompts)[0]
+            self._near[about] = [i for i, p in enumerate(kept) if pattern and pattern.search(normalise(p))]
+        return self._near[about]
 
     def forgotten(self, gen: torch.Generator) -> RetainBatch | None:
         """The earlier forgotten concepts' share of a retain batch (theta_{k-1}'s samples of their

@@ -12,7 +12,7 @@ from cul.catalogue import Catalogue, noise_distances
 from cul.unlearning.prompts import PromptSet, build_prompt_set, catalogue_prompt_set, rank_surrogates
 from cul.unlearning.recipes import Recipe
 from cul.unlearning.request import Request, resolve_request
-from cul.world import CONCEPTS, CONFUSABLES, concept
+from cul.world import CATALOGUE, CONCEPTS, CONFUSABLES, concept
 
 
 class PreparationError(ValueError):
@@ -48,9 +48,31 @@ def prepare_step(model, request: Request, forgotten: list[str], recipe: Recipe, 
     if getattr(recipe, "forgotten_target", "previous") == "mapped":
         gone = forgotten + [r.concept]
         earlier = {f: choose_surrogates(model, f, gone, [], 1, recipe.surrogate_neighbours)[0] for f in forgotten}
-    return build_prompt_set(
+    ps = build_prompt_set(
         r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed, forgotten_surrogates=earlier
     )
+    if simulates_earlier_attacks(recipe):
+        ps.earlier_neighbours = earlier_neighbour_words(CATALOGUE, r.concept, forgotten)
+    return ps
+
+
+def simulates_earlier_attacks(recipe: Recipe) -> bool:
+    """Whether the recipe fine-tunes on earlier forgotten concepts' neighbours in training
+    (`Relearning.neighbours_of: all`), and so needs `PromptSet.earlier_neighbours`."""
+    relearning = getattr(recipe, "relearning", None)
+    return relearning is not None and relearning.neighbours_of == "all"
+
+
+def earlier_neighbour_words(catalogue: Catalogue, concept: str, forgotten: list[str]) -> dict[str, list[str]]:
+    """Each earlier forgotten concept's kept neighbours, as the words that name them (catalogue
+    order): what a relearning attack on that concept fine-tunes on. A concept whose neighbours are
+    all forgotten gets no words (its attack is then simulated on every kept caption)."""
+    gone = {concept, *forgotten}
+    out = {}
+    for f in forgotten:
+        near = [n for n in catalogue.get(f).neighbours if n not in gone]
+        out[f] = list(dict.fromkeys(w for n in near for w in catalogue.get(n).words))
+    return out
 
 
 def prepare_catalogue_step(
@@ -75,9 +97,10 @@ def prepare_catalogue_step(
         raise PreparationError(
             f"nothing is left to map {r.concept!r} to: {why}; add some (`cul concept add`) or name one in the request"
         )
-    return catalogue_prompt_set(
-        catalogue, r.concept, forgotten, seed=seed, surrogates=surrogates, extra_retain=r.retain
-    )
+    ps = catalogue_prompt_set(catalogue, r.concept, forgotten, seed=seed, surrogates=surrogates, extra_retain=r.retain)
+    if simulates_earlier_attacks(recipe):
+        ps.earlier_neighbours = earlier_neighbour_words(catalogue, r.concept, forgotten)
+    return ps
 
 
 def merge_prompt_sets(sets: list[PromptSet]) -> PromptSet:

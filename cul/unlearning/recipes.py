@@ -245,10 +245,21 @@ class Relearning(BaseModel):
     #: which erasures must hold at the fine-tuned weights: the request's concept (`request`), or
     #: every forgotten concept (`all`: the terms that keep the earlier ones forgotten too).
     hold: Literal["request", "all"] = "request"
+    #: whose neighbours `data` means: the request's concept's (`request`), or, from the second
+    #: simulation of a step on, a forgotten concept's drawn at random, the request's or an earlier
+    #: one's (`all`: the relearning attack on an earlier concept fine-tunes on its own neighbours).
+    #: Needs `hold: all`.
+    neighbours_of: Literal["request", "all"] = "request"
+
+    @model_validator(mode="after")
+    def _neighbours_need_hold(self) -> Relearning:
+        if self.neighbours_of == "all" and self.hold != "all":
+            raise ValueError("neighbours_of 'all' simulates attacks on earlier concepts: it needs hold 'all'")
+        return self
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        return drop_unset(handler(self), {"hold": "request"})
+        return drop_unset(handler(self), {"hold": "request", "neighbours_of": "request"})
 
 
 #: options absent from a recipe's dump and hash while unset (at these values), so recipes made before them keep

@@ -18,9 +18,10 @@ student every `every` training steps and held in between. With `hold: request` o
 concept is asked to hold at theta + Delta. With `hold: all` the earlier forgotten concepts are too:
 the terms that keep them forgotten at theta (their part of L_pres, under `forgotten_target: mapped`
 distilled toward theta_0 on the surrogate's caption; L_rehold where the recipe has it) are added at
-theta + sg[Delta] as well: after a sequence the attack revives earlier concepts too. Delta is always
-simulated on the request's own neighbours and kept captions, not on each earlier concept's
-neighbours.
+theta + sg[Delta] as well: after a sequence the attack revives earlier concepts too. With
+`neighbours_of: all` the attack simulated is, from a step's second simulation on, the one on a
+forgotten concept drawn at random (the request's or an earlier one): Delta fine-tunes on the kept
+captions that name that concept's neighbours, as the `relearn_neighbour` attack on it does.
 """
 
 from __future__ import annotations
@@ -58,17 +59,32 @@ class RelearningAdversary:
         self.spec = spec
         self.delta: dict[str, torch.Tensor] | None = None
         self.calls = 0
+        #: the concept whose attack each simulation so far stood for (its neighbours' captions)
+        self.simulated: list[str] = []
+
+    def target(self, batches, gen: torch.Generator) -> str | None:
+        """Whose neighbours the next simulation fine-tunes on: None for the request's concept (the
+        first simulation of a step, and every one under `neighbours_of: request`); under `all`, from
+        the second on, a forgotten concept drawn uniformly, the request's or an earlier one."""
+        earlier = list(batches.prompts.earlier_neighbours)
+        if self.spec.neighbours_of != "all" or not self.simulated or not earlier:
+            return None
+        pick = int(torch.randint(0, len(earlier) + 1, (1,), generator=gen))
+        return earlier[pick - 1] if pick else None
 
     def simulate(self, student, batches, gen: torch.Generator) -> None:
         """Delta: `spec.steps` AdamW steps (`spec.lr`) of a copy of the student's UNet on batches of
-        theta_0's images of retained captions (`spec.data`); the student is left as it is."""
+        theta_0's images of retained captions (`spec.data`, about `target`'s neighbours); the student
+        is left as it is."""
         spec = self.spec
+        about = self.target(batches, gen)
+        self.simulated.append(about or batches.prompts.concept)
         scratch = student.copy()
         scratch.unet.train().requires_grad_(True)
         opt = torch.optim.AdamW(scratch.unet.parameters(), lr=spec.lr)
         for _ in range(spec.steps):
             threads.tick()
-            b = batches.relearn(gen, spec.data, spec.batch)
+            b = batches.relearn(gen, spec.data, spec.batch, about)
             x_t, t, noise = noised(student, b.x0, gen)
             with torch.no_grad():
                 context = student.encode_prompts(b.prompts)
