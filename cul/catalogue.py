@@ -162,6 +162,15 @@ class Catalogue(BaseModel):
                 return c
         return None
 
+    def named_in(self, text: str) -> list[str]:
+        """The concepts a caption names, in order: every wording of the catalogue, the longest first,
+        matched as whole words (a hyphen joins words: "man" is not named in "spider-man"), so a
+        wording inside a longer one ("cartoon" in "cartoon mouse") counts only as the longer."""
+        owner = {w: c.name for c in self.concepts for w in c.words}
+        alternatives = "|".join(re.escape(w) for w in sorted(owner, key=len, reverse=True))
+        found = re.finditer(rf"(?<![\w-])(?:{alternatives})(?![\w-])", normalise(text))
+        return [owner[m.group(0)] for m in found]
+
     def suggest(self, text: str, embed: Callable[[Sequence[str]], Any], k: int = 3) -> list[str]:
         """The `k` concept names nearest to `text` by text embedding (`embed`: texts -> [N, D])."""
         words = [(c.name, w) for c in self.concepts for w in (c.name, *c.synonyms)]

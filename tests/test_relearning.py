@@ -145,44 +145,75 @@ def test_relearning_needs_theta_0s_samples_of_the_kept_captions():
 def test_earlier_concepts_attacks_fine_tune_on_their_own_neighbours(tiny_world_model, after_red, tmp_path):
     """`neighbours_of: all`: a step's first simulation is the request's attack, later ones draw a
     forgotten concept and fine-tune on the kept captions naming its kept neighbours."""
-    from cul.catalogue import normalise
     from cul.unlearning.batches import check_prompts
-    from cul.unlearning.preparation import earlier_neighbour_words
+    from cul.unlearning.preparation import earlier_neighbour_captions
     from cul.unlearning.prompts import PromptSet
     from cul.world import CATALOGUE
 
     each = SMALL.model_copy(update={"hold": "all", "neighbours_of": "all"})
-    recipe = RECIPE.model_copy(update={"relearning": each})
+    recipe = RECIPE.model_copy(update={"relearning": each, "replay_copies": 2})
     with pytest.raises(ValueError, match="earlier forgotten concepts' neighbours"):
         check_prompts(after_red, recipe)  # a prompt set prepared without them
 
-    words = earlier_neighbour_words(CATALOGUE, "circle", ["red", "orange"])
-    assert set(words) == {"red", "orange"}
-    assert "pink" in words["red"] and "orange" not in words["red"]  # a forgotten neighbour is no attack data
-    ps = replace(after_red, earlier_neighbours=earlier_neighbour_words(CATALOGUE, "circle", ["red"]))
+    ps = replace(after_red, neighbour_captions=earlier_neighbour_captions(CATALOGUE, after_red, ["red"]))
+    reds = ps.neighbour_captions["red"]  # red's neighbours are orange and pink
+    assert reds and all({"orange", "pink"} & set(CATALOGUE.named_in(p)) for p in reds)
+    assert set(reds) - set(ps.retain["neighbour"]) and not set(reds) & set(ps.retain["forgotten"])
     check_prompts(ps, recipe)
     assert PromptSet.load(ps.save(tmp_path / "p.json")) == ps
-    assert "earlier_neighbours" not in after_red.save(tmp_path / "q.json").read_text()  # unset: same bytes
+    assert "neighbour_captions" not in after_red.save(tmp_path / "q.json").read_text()  # unset: same bytes
 
-    batches = Batches(ps, replay_sources(tiny_world_model, ps, recipe, keep_teacher=tiny_world_model), recipe)
-    gen = torch.Generator().manual_seed(0)
-    reds = batches.relearn(gen, "neighbour", 32, about="red").prompts
-    assert all(any(w in normalise(p).split() for w in ps.earlier_neighbours["red"]) for p in reds)
-    assert set(reds) - set(ps.retain["neighbour"])  # not circle's neighbours
+    sources = replay_sources(tiny_world_model, ps, recipe, keep_teacher=tiny_world_model)
+    batches = Batches(ps, sources, recipe)
+    kept = [p for g in ("neighbour", "retained", "unrelated") for p in ps.retain[g]]
+    drawn = batches.relearn(torch.Generator().manual_seed(0), "neighbour", 32, about="red")
+    assert set(drawn.prompts) <= set(reds)
+    for prompt, x in zip(drawn.prompts, drawn.x0, strict=True):  # two copies a caption: the row is its own
+        i = kept.index(prompt)
+        assert any(torch.equal(x, sources["retain_base"].take([2 * i + j])[0]) for j in range(2))
     old = torch.Generator().manual_seed(5)  # the request's neighbours: the draws made before the option
     mine = batches.relearn(torch.Generator().manual_seed(5), "neighbour", 8).prompts
-    kept = [p for g in ("neighbour", "retained", "unrelated") for p in ps.retain[g]]
-    assert mine == [kept[i] for i in torch.randint(0, len(ps.retain["neighbour"]), (8,), generator=old).tolist()]
+    n = len(ps.retain["neighbour"])
+    assert mine == [kept[i // 2] for i in torch.randint(0, 2 * n, (8,), generator=old).tolist()]
 
+    asked = []
+    relearn = batches.relearn
+    batches.relearn = lambda gen, data, n, about=None: asked.append(about) or relearn(gen, data, n, about)
     adversary = RelearningAdversary(each)
-    for _ in range(12):
-        adversary.simulate(tiny_world_model, batches, gen)
-    assert adversary.simulated[0] == "circle" and set(adversary.simulated) == {"circle", "red"}
+    for _ in range(8):
+        adversary.simulate(tiny_world_model, batches, torch.Generator().manual_seed(len(asked)))
+    calls = [asked[i * each.steps] for i in range(8)]  # each simulation's first batch
+    assert asked == [a for a in calls for _ in range(each.steps)]
+    assert calls[0] is None and "red" in calls and None in calls[1:]
+    assert adversary.simulated == [a or "circle" for a in calls]
     request_only = RelearningAdversary(SMALL.model_copy(update={"hold": "all"}))
-    request_only.simulate(tiny_world_model, batches, gen)
-    request_only.simulate(tiny_world_model, batches, gen)
-    assert request_only.simulated == ["circle", "circle"]
+    for _ in range(3):
+        request_only.simulate(tiny_world_model, batches, torch.Generator().manual_seed(0))
+    assert request_only.simulated == ["circle"] * 3
 
     with pytest.raises(ValidationError, match="needs hold 'all'"):
         Relearning(neighbours_of="all")
+    with pytest.raises(ValidationError, match="data 'retain' takes none"):
+        Relearning(neighbours_of="all", hold="all", data="retain")
     assert "neighbours_of" not in SMALL.model_dump()  # unset: earlier relearning recipes keep their hashes
+
+
+def test_preparation_records_each_earlier_concepts_relearning_captions_on_any_catalogue():
+    """Both preparations fill `neighbour_captions` for a recipe that simulates earlier attacks, a
+    wording inside a longer one names only the longer, and a concept whose neighbours are all
+    forgotten takes the first kept concept of its category, as the attack does."""
+    from cul.catalogue import Catalogue
+    from cul.unlearning.preparation import prepare_catalogue_step
+    from cul.unlearning.request import Request
+
+    sd = Catalogue.load("sd-dfr10")
+    assert sd.named_in("Cartoon mouse in a cartoon style") == ["cartoon mouse", "cartoon style"]
+    assert sd.named_in("a photo of spider-man") == ["Spider-Man"]
+    each = RECIPE.model_copy(update={"relearning": SMALL.model_copy(update={"hold": "all", "neighbours_of": "all"})})
+    request = Request(concept="Pikachu", surrogates=["Mickey Mouse"])
+    ps = prepare_catalogue_step(None, sd, request, ["anime style", "cartoon style"], each, seed=0)
+    # anime style's one neighbour (cartoon style) is forgotten: the first kept style instead
+    first_style = next(c.name for c in sd.of("style") if c.name not in {"anime style", "cartoon style"})
+    for f, near in (("cartoon style", {"comic book style"}), ("anime style", {first_style})):
+        assert ps.neighbour_captions[f] and all(near & set(sd.named_in(p)) for p in ps.neighbour_captions[f])
+    assert not prepare_catalogue_step(None, sd, request, ["anime style"], RECIPE, seed=0).neighbour_captions

@@ -10,13 +10,11 @@ theta_0's samples of the earlier forgotten concepts' prompts (the concepts as th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cul.catalogue import normalise
 from cul.unlearning.prompts import PromptSet
 from cul.unlearning.replay import OnlineReplay, ReplayBuffer
 
@@ -61,10 +59,10 @@ def check_prompts(prompts: PromptSet, recipe) -> None:
         )
     relearning = getattr(recipe, "relearning", None)
     if relearning is not None and relearning.neighbours_of == "all" and prompts.retain.get("forgotten"):
-        if not prompts.earlier_neighbours:
+        if not prompts.neighbour_captions:
             raise ValueError(
                 "relearning neighbours_of 'all' needs the earlier forgotten concepts' neighbours "
-                "(PromptSet.earlier_neighbours: prepare the prompt set with this recipe)"
+                "(PromptSet.neighbour_captions: prepare the prompt set with this recipe)"
             )
 
 
@@ -178,7 +176,7 @@ class Batches:
         caption's ("retain"), or half of each ("both"). Needs `retain_teacher: base`, whose
         "retain_base" source holds them, the neighbours first. `about`: an earlier forgotten concept
         whose neighbours to take instead of the request's (the kept captions that name one of
-        them, `PromptSet.earlier_neighbours`; every kept caption where none does)."""
+        them, `PromptSet.neighbour_captions`; every kept caption where there are none)."""
         if "retain_base" not in self.sources:
             raise ValueError("relearning needs theta_0's samples of the retained captions (retain_teacher: base)")
         kept, c = split_retain(self.prompts)[0], self.copies
@@ -201,15 +199,14 @@ class Batches:
     def _naming(self, about: str) -> list[int]:
         """Positions in the kept captions of those that name one of `about`'s kept neighbours."""
         if about not in self._near:
-            words = self.prompts.earlier_neighbours.get(about)
-            if words is None:
+            captions = self.prompts.neighbour_captions.get(about)
+            if captions is None:
                 raise ValueError(
-                    f"no neighbours recorded for the earlier forgotten concept {about!r}: "
-                    "prepare the prompt set with the recipe (PromptSet.earlier_neighbours)"
+                    f"no relearning captions recorded for the earlier forgotten concept {about!r}: "
+                    "prepare the prompt set with the recipe (PromptSet.neighbour_captions)"
                 )
-            pattern = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words)) if words else None
-            kept = split_retain(self.prompts)[0]
-            self._near[about] = [i for i, p in enumerate(kept) if pattern and pattern.search(normalise(p))]
+            wanted = set(captions)
+            self._near[about] = [i for i, p in enumerate(split_retain(self.prompts)[0]) if p in wanted]
         return self._near[about]
 
     def forgotten(self, gen: torch.Generator) -> RetainBatch | None:

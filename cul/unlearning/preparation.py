@@ -9,6 +9,7 @@ draws for it: the candidate closest to it in the same sense.
 from __future__ import annotations
 
 from cul.catalogue import Catalogue, noise_distances
+from cul.unlearning.batches import split_retain
 from cul.unlearning.prompts import PromptSet, build_prompt_set, catalogue_prompt_set, rank_surrogates
 from cul.unlearning.recipes import Recipe
 from cul.unlearning.request import Request, resolve_request
@@ -52,26 +53,31 @@ def prepare_step(model, request: Request, forgotten: list[str], recipe: Recipe, 
         r.concept, forgotten, surrogates, r.retain, text_encoder=model.text, seed=seed, forgotten_surrogates=earlier
     )
     if simulates_earlier_attacks(recipe):
-        ps.earlier_neighbours = earlier_neighbour_words(CATALOGUE, r.concept, forgotten)
+        ps.neighbour_captions = earlier_neighbour_captions(CATALOGUE, ps, forgotten)
     return ps
 
 
 def simulates_earlier_attacks(recipe: Recipe) -> bool:
     """Whether the recipe fine-tunes on earlier forgotten concepts' neighbours in training
-    (`Relearning.neighbours_of: all`), and so needs `PromptSet.earlier_neighbours`."""
+    (`Relearning.neighbours_of: all`), and so needs `PromptSet.neighbour_captions`."""
     relearning = getattr(recipe, "relearning", None)
     return relearning is not None and relearning.neighbours_of == "all"
 
 
-def earlier_neighbour_words(catalogue: Catalogue, concept: str, forgotten: list[str]) -> dict[str, list[str]]:
-    """Each earlier forgotten concept's kept neighbours, as the words that name them (catalogue
-    order): what a relearning attack on that concept fine-tunes on. A concept whose neighbours are
-    all forgotten gets no words (its attack is then simulated on every kept caption)."""
-    gone = {concept, *forgotten}
+def earlier_neighbour_captions(catalogue: Catalogue, ps: PromptSet, forgotten: list[str]) -> dict[str, list[str]]:
+    """Each earlier forgotten concept's relearning data: the prompt set's kept captions that name one
+    of its neighbours still kept (`Catalogue.named_in`), or, where every neighbour is forgotten too,
+    the first kept concept of its category, as the `relearn_neighbour` attack takes (`cul.probes`)."""
+    gone = {ps.concept, *forgotten}
+    kept = split_retain(ps)[0]
+    named = [set(catalogue.named_in(p)) for p in kept]
     out = {}
     for f in forgotten:
-        near = [n for n in catalogue.get(f).neighbours if n not in gone]
-        out[f] = list(dict.fromkeys(w for n in near for w in catalogue.get(n).words))
+        entry = catalogue.get(f)
+        near = {n for n in entry.neighbours if n not in gone}
+        kept_kind = [c.name for c in catalogue.of(entry.category) if c.name not in gone]
+        near = near or set(kept_kind[:1])
+        out[f] = list(dict.fromkeys(p for p, names in zip(kept, named, strict=True) if names & near))
     return out
 
 
@@ -99,7 +105,7 @@ def prepare_catalogue_step(
         )
     ps = catalogue_prompt_set(catalogue, r.concept, forgotten, seed=seed, surrogates=surrogates, extra_retain=r.retain)
     if simulates_earlier_attacks(recipe):
-        ps.earlier_neighbours = earlier_neighbour_words(catalogue, r.concept, forgotten)
+        ps.neighbour_captions = earlier_neighbour_captions(catalogue, ps, forgotten)
     return ps
 
 

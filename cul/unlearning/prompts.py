@@ -54,10 +54,10 @@ class PromptSet:
     # parallel to retain["forgotten"] when built with `forgotten_surrogates`: the same captions with
     # each earlier forgotten concept replaced by its surrogate (targets of forgotten_target: mapped)
     forgotten_mapped: list[str] = field(default_factory=list)
-    # earlier forgotten concept -> the words naming its neighbours that are still kept: the captions
-    # the relearning attack on that concept fine-tunes on (`Relearning.neighbours_of: all`); left
-    # empty, and out of the saved file, where the recipe does not simulate it
-    earlier_neighbours: dict[str, list[str]] = field(default_factory=dict)
+    # earlier forgotten concept -> the kept captions that name one of its kept neighbours: what the
+    # relearning attack on that concept fine-tunes on (`Relearning.neighbours_of: all`); left empty,
+    # and out of the saved file, where the recipe does not simulate it
+    neighbour_captions: dict[str, list[str]] = field(default_factory=dict)
 
     def retain_prompts(self) -> list[str]:
         return [p for group in self.retain.values() for p in group]
@@ -66,8 +66,8 @@ class PromptSet:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(self)
-        if not data["earlier_neighbours"]:  # prompt sets made before it keep their bytes
-            del data["earlier_neighbours"]
+        if not data["neighbour_captions"]:  # prompt sets made before it keep their bytes
+            del data["neighbour_captions"]
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 

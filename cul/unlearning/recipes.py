@@ -255,6 +255,8 @@ class Relearning(BaseModel):
     def _neighbours_need_hold(self) -> Relearning:
         if self.neighbours_of == "all" and self.hold != "all":
             raise ValueError("neighbours_of 'all' simulates attacks on earlier concepts: it needs hold 'all'")
+        if self.neighbours_of == "all" and self.data == "retain":
+            raise ValueError("neighbours_of 'all' chooses whose neighbours to fine-tune on: data 'retain' takes none")
         return self
 
     @model_serializer(mode="wrap")

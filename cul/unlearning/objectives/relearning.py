@@ -21,7 +21,9 @@ distilled toward theta_0 on the surrogate's caption; L_rehold where the recipe h
 theta + sg[Delta] as well: after a sequence the attack revives earlier concepts too. With
 `neighbours_of: all` the attack simulated is, from a step's second simulation on, the one on a
 forgotten concept drawn at random (the request's or an earlier one): Delta fine-tunes on the kept
-captions that name that concept's neighbours, as the `relearn_neighbour` attack on it does.
+captions that name that concept's kept neighbours, the data of the `relearn_neighbour` attack on it
+(for the request's concept, its prompt set's neighbour captions, which also hold the neighbours
+found by text embedding).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class RelearningAdversary:
         """Whose neighbours the next simulation fine-tunes on: None for the request's concept (the
         first simulation of a step, and every one under `neighbours_of: request`); under `all`, from
         the second on, a forgotten concept drawn uniformly, the request's or an earlier one."""
-        earlier = list(batches.prompts.earlier_neighbours)
+        earlier = list(batches.prompts.neighbour_captions)
         if self.spec.neighbours_of != "all" or not self.simulated or not earlier:
             return None
         pick = int(torch.randint(0, len(earlier) + 1, (1,), generator=gen))
