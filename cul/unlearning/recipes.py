@@ -221,8 +221,9 @@ class Inversion(BaseModel):
 class Relearning(BaseModel):
     """Erasure that holds after fine-tuning (meta-unlearning, Gao et al., 2024): every `every`
     training steps, a copy of the student is fine-tuned for `steps` steps on theta_0's images of
-    retained captions, as the relearning attack does, and L_unl (with `hold: all`, every forgotten
-    concept's erasure terms) is asked to hold at the weights it reaches too
+    retained captions, as the relearning attack does (with `neighbours_of: all`, the attack on a
+    forgotten concept drawn at random), and L_unl (with `hold: all`, every forgotten concept's
+    erasure terms) is asked to hold at the weights it reaches too
     (`cul/unlearning/objectives/relearning.py`). An experiment: each simulation costs `steps` forward
     and backward passes, and the terms one more per training step each."""
 
