@@ -299,6 +299,7 @@ def run_sequence(
             "base": m.base.model_dump() if m and m.base else None,
             "per_concept": m.per_concept if m else None,
             "history": result.history,
+            **({"relearning_attacks": result.relearning_attacks} if result.relearning_attacks else {}),
             **({"order_seed": order_seed} if order_seed is not None else {}),
             "evaluation": evaluator.settings(),
             **made_by,

@@ -254,6 +254,7 @@ def train_and_evaluate(
         "base": m.base.model_dump() if m.base else None,
         "per_concept": m.per_concept,
         "history": result.history,
+        **({"relearning_attacks": result.relearning_attacks} if result.relearning_attacks else {}),
         **provenance(spec.recipe_name, spec.recipe),
     }
     (out_report / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

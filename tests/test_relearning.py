@@ -131,6 +131,7 @@ def test_holding_every_concept_asks_the_earlier_ones_terms_at_the_moved_weights(
 
     result = unlearn(tiny_world_model, after_red, every, base=tiny_world_model)
     assert all(row["relearn"] > 0 and row["relearn_gone"] > 0 for row in result.history)
+    assert result.relearning_attacks == ["circle", "circle"]  # 3 steps, a simulation every 2: the request's
     assert "hold" not in SMALL.model_dump()  # unset: dfr_relearn keeps its hash
     assert recipe_hash(every) != recipe_hash(RECIPE)
 

@@ -44,6 +44,8 @@ class StepResult:
     history: list[dict] = field(default_factory=list)
     drift: float = 0.0  # distance of the trained weights from the step's start
     trainable_fraction: float = 1.0
+    #: the concept whose relearning attack each simulated fine-tuning stood for (`Relearning`), in order
+    relearning_attacks: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -177,4 +179,5 @@ def unlearn(
         history,
         start.drift(),
         mask.trainable_fraction() if mask else 1.0,
+        list(getattr(getattr(objective, "relearning", None), "simulated", [])),
     )
