@@ -48,6 +48,13 @@ def split_retain(prompts: PromptSet) -> tuple[list[str], list[str]]:
     return kept, list(prompts.retain.get("forgotten", []))
 
 
+def simulates_earlier_attacks(recipe) -> bool:
+    """Whether the recipe fine-tunes on earlier forgotten concepts' neighbours in training
+    (`Relearning.neighbours_of: all`), and so needs `PromptSet.neighbour_captions`."""
+    relearning = getattr(recipe, "relearning", None)
+    return relearning is not None and relearning.neighbours_of == "all"
+
+
 def check_prompts(prompts: PromptSet, recipe) -> None:
     """Refuse a prompt set the recipe cannot train on (before any sample is drawn)."""
     if getattr(recipe, "forgotten_target", "previous") == "mapped" and len(prompts.forgotten_mapped) != len(
@@ -57,8 +64,7 @@ def check_prompts(prompts: PromptSet, recipe) -> None:
             "forgotten_target 'mapped' needs the prompt set's forgotten_mapped captions "
             "(build it with forgotten_surrogates)"
         )
-    relearning = getattr(recipe, "relearning", None)
-    if relearning is not None and relearning.neighbours_of == "all" and prompts.retain.get("forgotten"):
+    if simulates_earlier_attacks(recipe) and prompts.retain.get("forgotten"):
         if not prompts.neighbour_captions:
             raise ValueError(
                 "relearning neighbours_of 'all' needs the earlier forgotten concepts' neighbours "
@@ -185,8 +191,8 @@ class Batches:
             raise ValueError(
                 f"relearning on {data!r} data: the prompt set of {self.prompts.concept!r} has no neighbour captions"
             )
-        near = near or list(range(len(kept)))
         everything = list(range(len(kept)))
+        near = near or everything
         parts = {"neighbour": [(near, n)], "retain": [(everything, n)]}
         parts["both"] = [(near, n // 2), (everything, n - n // 2)]
         idx = [

@@ -9,7 +9,7 @@ draws for it: the candidate closest to it in the same sense.
 from __future__ import annotations
 
 from cul.catalogue import Catalogue, noise_distances
-from cul.unlearning.batches import split_retain
+from cul.unlearning.batches import simulates_earlier_attacks, split_retain
 from cul.unlearning.prompts import PromptSet, build_prompt_set, catalogue_prompt_set, rank_surrogates
 from cul.unlearning.recipes import Recipe
 from cul.unlearning.request import Request, resolve_request
@@ -55,13 +55,6 @@ def prepare_step(model, request: Request, forgotten: list[str], recipe: Recipe, 
     if simulates_earlier_attacks(recipe):
         ps.neighbour_captions = earlier_neighbour_captions(CATALOGUE, ps, forgotten)
     return ps
-
-
-def simulates_earlier_attacks(recipe: Recipe) -> bool:
-    """Whether the recipe fine-tunes on earlier forgotten concepts' neighbours in training
-    (`Relearning.neighbours_of: all`), and so needs `PromptSet.neighbour_captions`."""
-    relearning = getattr(recipe, "relearning", None)
-    return relearning is not None and relearning.neighbours_of == "all"
 
 
 def earlier_neighbour_captions(catalogue: Catalogue, ps: PromptSet, forgotten: list[str]) -> dict[str, list[str]]:
