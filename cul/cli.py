@@ -615,6 +615,23 @@ def serve(params: Path = ParamsOpt, quick: bool = typer.Option(False, "--quick")
     )
 
 
+def _bench_evaluator(p: Params, catalogue, spec, base, requests):
+    """The benchmark's evaluation of a sequence: on the world, FD on a fixed set of scenes without
+    any concept of the sequence (comparable across steps and methods), the base model judged once
+    per setting; on another catalogue, the step evaluation of `p`'s judge kind."""
+    from cul.benchmark import sequence_concepts
+    from cul.evaluation import Evaluator
+    from cul.judges import uses_world_scenes
+
+    if not uses_world_scenes(catalogue, p.judge.kind):
+        return _evaluator(p, catalogue, spec, base)
+    evaluator = Evaluator(
+        _judge(p.paths.judge), spec, p.world.size, p.world.eval_seed, fd_exclude=sequence_concepts(requests)
+    )
+    evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{spec.stride}.npz")
+    return evaluator
+
+
 @app.command()
 def bench(
     sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml"), help="YAML list of requests."),
@@ -654,10 +671,8 @@ def bench(
 ) -> None:
     """Run a sequence of deletion requests with one recipe, evaluating after every step
     (resumable: a rerun continues after the last finished step, with the same recipe only)."""
-    from cul.benchmark import BenchmarkError, load_sequence, run_sequence, sequence_concepts
-    from cul.evaluation import Evaluator
+    from cul.benchmark import BenchmarkError, load_sequence, run_sequence
     from cul.io.provenance import code_revision
-    from cul.judges import uses_world_scenes
     from cul.plots import metric_curves
     from cul.unlearning.preparation import PreparationError
     from cul.unlearning.recipes import RecipeError, load_recipe
@@ -690,19 +705,7 @@ def bench(
     out = out or p.paths.reports / "benchmark" / (f"{folder}-gated" if gated else folder)
     base = _model(model or p.paths.base_model)
     catalogue = p.pipeline.concept_catalogue()
-    if uses_world_scenes(catalogue, p.judge.kind):
-        # FD on a fixed set of scenes without any concept of the sequence: comparable across steps
-        evaluator = Evaluator(
-            _judge(p.paths.judge),
-            eval_spec,
-            p.world.size,
-            p.world.eval_seed,
-            fd_exclude=sequence_concepts(requests),
-        )
-        # the base model's verdict is the same for every method: judge it once per evaluation setting
-        evaluator.set_base(base, cache=p.paths.reports / "benchmark" / ".cache" / f"base-stride{eval_spec.stride}.npz")
-    else:
-        evaluator = _evaluator(p, catalogue, eval_spec, base)
+    evaluator = _bench_evaluator(p, catalogue, eval_spec, base, requests)
     try:
         if branch_from:
             from cul.benchmark import branch_results
@@ -789,6 +792,111 @@ def bench(
             },
         )
         console.print(f"robustness -> {out}/robustness.json, {out}/probes.png")
+
+
+@app.command()
+def retrain(
+    sequence: Path = typer.Option(Path("benchmarks/default-sequence.yaml"), help="YAML list of requests."),
+    out: Path | None = typer.Option(None, help="Output folder (default reports/benchmark/retrain-SEQUENCE)."),
+    probes: str | None = typer.Option(
+        None, help="Robustness probes on every concept of the sequence, as `cul bench --probes` (or 'all')."
+    ),
+    stride: int | None = typer.Option(
+        None, min=1, help="Evaluate on about 1/stride of the scenes, as `cul bench --stride`."
+    ),
+    steps: int | None = typer.Option(None, min=1, help="Override pretrain.steps (the base model's by default)."),
+    params: Path = ParamsOpt,
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """The gold standard of a sequence's erasures: the base model's pretraining run again, same
+    settings and seed, on the world without any concept of the sequence (resumable), judged as
+    `cul bench` judges a run after its last request and probed with the same attacks. What an
+    attack brings back here, from a model that never saw the concept, no erasure can be asked to
+    prevent. Writes OUT/retrain.json (and OUT/robustness.json with --probes); the weights go to
+    OUT/model."""
+    import hashlib
+
+    from cul.benchmark import BenchmarkError, load_sequence, sequence_concepts
+    from cul.device import place
+    from cul.fmt import pct, times
+    from cul.io.provenance import code_revision
+    from cul.pretrain import Pretrainer
+    from cul.probes import summarise, to_records
+    from cul.world import World
+
+    p = _params(params)
+    started = code_revision(".")
+    try:
+        requests = load_sequence(sequence)
+        names = sequence_concepts(requests)
+        world = World(size=p.model.sample_size, seed=p.pretrain.seed, exclude=names)
+    except (BenchmarkError, KeyError, ValueError) as e:
+        raise typer.BadParameter(f"{sequence}: {e}") from e
+    cfg = p.pretrain.model_copy(update={"steps": steps}) if steps else p.pretrain
+    recipe = {"retrain": "pretrain without the sequence's concepts", "exclude": list(world.exclude),
+              "pretrain": cfg.model_dump(mode="json"), "model": p.model.model_dump(mode="json")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    out = out or p.paths.reports / "benchmark" / f"retrain-{sequence.stem}"
+    base = _model(p.paths.base_model)
+    spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
+    evaluator = _bench_evaluator(p, p.pipeline.concept_catalogue(), spec, base, requests)
+    if not hasattr(evaluator, "more_images"):
+        raise typer.BadParameter("retraining runs on the world's scenes and judge only (judge.kind: world)")
+    trainer = Pretrainer(p.model, cfg, p.paths.checkpoints / f"retrain-{digest}", p.sampling, world=world)
+    console.print(
+        f"retraining without {', '.join(world.exclude)}"
+        + (f": resuming at step {trainer.step}/{cfg.steps}" if trainer.step else f": {cfg.steps} steps")
+    )
+    model = place(trainer.run(progress=not quiet))
+    model.save_pretrained(out / "model")
+    m = evaluator(model, names)
+    after = {
+        **m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio"}),
+        "recipe_name": "retrain",
+        "recipe_hash": digest,
+        "git_commit": started[0],
+    }
+    here = dict(zip(("git_commit", "git_dirty"), started, strict=True))
+    made = {"recipe_name": "retrain", "recipe": recipe, "recipe_hash": digest, **here}
+    _write_json(
+        out / "retrain.json",
+        {
+            **made,
+            "sequence": sequence.name,
+            "forgotten": names,
+            "after": after,
+            "per_concept": m.per_concept,
+            "base": m.base.model_dump() if m.base else None,
+            "evaluation": evaluator.settings(),
+            "training": trainer.record(),
+        },  # fmt: skip
+    )
+    console.print(
+        f"retrained without the sequence: UA {pct(m.ua)} RA-I {pct(m.ra_in)} RA-C {pct(m.ra_cross)} "
+        f"RA-N {pct(m.ra_neighbour)} FDx {times(m.fd_ratio)} -> {out}/retrain.json"
+    )
+    if not probes:
+        return
+    stamps: dict = {}
+    found = _probe(p, probes, model, base, evaluator, names, out, out / "probes-journal.json", here, stamps)
+    _write_json(
+        out / "robustness.json",
+        {
+            "method": "retrain",
+            "sequence": sequence.name,
+            "steps": len(names),
+            "after": after,
+            "recipe_hash": digest,
+            **here,
+            "probed_at": here,
+            **({"probed_at_by_concept": stamps} if any(v != here for v in stamps.values()) else {}),
+            "probe_spec": p.eval.probes.model_dump(mode="json"),
+            "families": probes,
+            "summary": summarise(found),
+            "probes": to_records(found),
+        },
+    )
+    console.print(f"robustness -> {out}/robustness.json, {out}/probes.png")
 
 
 @app.command()

@@ -268,7 +268,11 @@ class World:
         partial_caption_prob: float = 0.15,
         empty_caption_prob: float = 0.1,
         held_out: bool = False,
+        exclude: Iterable[str] = (),
     ) -> None:
+        """`exclude`: concept names no scene of the stream shows (the world a model retrained
+        without them sees: `cul retrain`); each kind keeps at least one concept. Without it the
+        stream is the same as before the option existed."""
         if size < 16:
             raise ValueError(f"image size must be at least 16 px, got {size}")
         self.size = size
@@ -276,6 +280,13 @@ class World:
         self.partial_caption_prob = partial_caption_prob
         self.empty_caption_prob = empty_caption_prob
         self.held_out = held_out
+        self.exclude = tuple(sorted(set(exclude)))
+        for name in self.exclude:
+            concept(name)  # KeyError with the known names
+        self._kept = [[c.name for c in group if c.name not in self.exclude] for group in (OBJECTS, COLOURS, TEXTURES)]
+        for kind, kept in zip(("object", "colour", "texture"), self._kept, strict=True):
+            if not kept:
+                raise ValueError(f"excluding {', '.join(self.exclude)} leaves no {kind} to draw")
 
     def _words(self, c: Concept, rng: np.random.Generator) -> str:
         pool = c.held_out if self.held_out and c.held_out else c.synonyms
@@ -297,11 +308,8 @@ class World:
         return fill(tmpl, o=o, c=c, t=t)
 
     def random_scene(self, rng: np.random.Generator) -> Scene:
-        return Scene(
-            OBJECTS[rng.integers(len(OBJECTS))].name,
-            COLOURS[rng.integers(len(COLOURS))].name,
-            TEXTURES[rng.integers(len(TEXTURES))].name,
-        )
+        o, c, t = (kept[rng.integers(len(kept))] for kept in self._kept)
+        return Scene(o, c, t)
 
     def batch(self, batch_size: int, index: int) -> tuple[np.ndarray, list[str], list[Scene]]:
         """Batch `index` of an endless stream; it depends only on (seed, index), so training resumes
