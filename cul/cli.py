@@ -756,7 +756,7 @@ def bench(
     elif probes and results:
         from cul.benchmark import step_unet
         from cul.device import place
-        from cul.probes import summarise, to_records
+        from cul.reports import robustness_record
 
         if gated:  # the champion the gate left, and what it has forgotten
             from cul.models import load_model
@@ -771,26 +771,21 @@ def bench(
         found = _probe(p, probes, final, base, evaluator, names, out, out / "probes-journal.json", here, stamps)
         last = results[-1]
         keep = ("ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio", "recipe_name", "recipe_hash", "git_commit")
-        _write_json(
-            out / "robustness.json",
-            {
-                "method": name,
-                "sequence": sequence.name,
-                **({"order_seed": order_seed} if order_seed is not None else {}),
-                "steps": len(results),
-                **({"mode": "gated", "forgotten": names} if gated else {}),
-                "after": {k: last.get(k) for k in keep},
-                **{k: last.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
-                # the code that probed: this process's, and per concept where a concept was read
-                # back from the journal of an earlier process at another revision
-                "probed_at": here,
-                **({"probed_at_by_concept": stamps} if any(v != here for v in stamps.values()) else {}),
-                "probe_spec": p.eval.probes.model_dump(mode="json"),
-                "families": probes,
-                "summary": summarise(found),
-                "probes": to_records(found),
-            },
+        record = robustness_record(
+            name,
+            sequence.name,
+            len(results),
+            {k: last.get(k) for k in keep},
+            last,
+            here,
+            stamps,
+            p.eval.probes.model_dump(mode="json"),
+            probes,
+            found,
+            **({"order_seed": order_seed} if order_seed is not None else {}),
+            **({"mode": "gated", "forgotten": names} if gated else {}),
         )
+        _write_json(out / "robustness.json", record)
         console.print(f"robustness -> {out}/robustness.json, {out}/probes.png")
 
 
@@ -814,50 +809,46 @@ def retrain(
     attack brings back here, from a model that never saw the concept, no erasure can be asked to
     prevent. Writes OUT/retrain.json (and OUT/robustness.json with --probes); the weights go to
     OUT/model."""
-    import hashlib
-
     from cul.benchmark import BenchmarkError, load_sequence, sequence_concepts
     from cul.device import place
     from cul.fmt import pct, times
     from cul.io.provenance import code_revision
-    from cul.pretrain import Pretrainer
-    from cul.probes import summarise, to_records
-    from cul.world import World
+    from cul.judges import uses_world_scenes
+    from cul.reports import robustness_record
+    from cul.results import read_json
+    from cul.retrain import Retraining
 
     p = _params(params)
     started = code_revision(".")
+    if not uses_world_scenes(p.pipeline.concept_catalogue(), p.judge.kind):
+        raise typer.BadParameter("retraining runs on the world's scenes and judge only (judge.kind: world)")
+    cfg = p.pretrain.model_copy(update={"steps": steps}) if steps else p.pretrain
     try:
         requests = load_sequence(sequence)
         names = sequence_concepts(requests)
-        world = World(size=p.model.sample_size, seed=p.pretrain.seed, exclude=names)
+        job = Retraining(exclude=tuple(names), pretrain=cfg, model=p.model)
+        job.world()
     except (BenchmarkError, KeyError, ValueError) as e:
         raise typer.BadParameter(f"{sequence}: {e}") from e
-    cfg = p.pretrain.model_copy(update={"steps": steps}) if steps else p.pretrain
-    recipe = {"retrain": "pretrain without the sequence's concepts", "exclude": list(world.exclude),
-              "pretrain": cfg.model_dump(mode="json"), "model": p.model.model_dump(mode="json")}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     out = out or p.paths.reports / "benchmark" / f"retrain-{sequence.stem}"
+    before = read_json(out / "retrain.json") if (out / "retrain.json").exists() else {}
+    if isinstance(before, dict) and before and before.get("recipe_hash") != job.digest():
+        raise typer.BadParameter(f"{out} holds a model retrained otherwise: give another --out")
     base = _model(p.paths.base_model)
     spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
     evaluator = _bench_evaluator(p, p.pipeline.concept_catalogue(), spec, base, requests)
-    if not hasattr(evaluator, "more_images"):
-        raise typer.BadParameter("retraining runs on the world's scenes and judge only (judge.kind: world)")
-    trainer = Pretrainer(p.model, cfg, p.paths.checkpoints / f"retrain-{digest}", p.sampling, world=world)
+    trainer = job.trainer(p.paths.checkpoints, p.sampling)
     console.print(
-        f"retraining without {', '.join(world.exclude)}"
+        f"retraining without {', '.join(job.world().exclude)}"
         + (f": resuming at step {trainer.step}/{cfg.steps}" if trainer.step else f": {cfg.steps} steps")
     )
     model = place(trainer.run(progress=not quiet))
     model.save_pretrained(out / "model")
     m = evaluator(model, names)
-    after = {
-        **m.model_dump(include={"ua", "ra_in", "ra_cross", "ra_neighbour", "fd_ratio"}),
-        "recipe_name": "retrain",
-        "recipe_hash": digest,
-        "git_commit": started[0],
-    }
     here = dict(zip(("git_commit", "git_dirty"), started, strict=True))
-    made = {"recipe_name": "retrain", "recipe": recipe, "recipe_hash": digest, **here}
+    made = {"recipe_name": "retrain", "recipe": job.recipe(), "recipe_hash": job.digest(), **here}
+    keep = {"ua", "ra_in", "ra_cross", "ra_neighbour", "ra_all", "fd", "fd_ratio", "fd_clean"}
+    after = {**m.model_dump(include=keep), **{k: made[k] for k in ("recipe_name", "recipe_hash", "git_commit")}}
     _write_json(
         out / "retrain.json",
         {
@@ -869,33 +860,22 @@ def retrain(
             "base": m.base.model_dump() if m.base else None,
             "evaluation": evaluator.settings(),
             "training": trainer.record(),
-        },  # fmt: skip
+        },
     )
     console.print(
         f"retrained without the sequence: UA {pct(m.ua)} RA-I {pct(m.ra_in)} RA-C {pct(m.ra_cross)} "
         f"RA-N {pct(m.ra_neighbour)} FDx {times(m.fd_ratio)} -> {out}/retrain.json"
     )
+    (out / "robustness.json").unlink(missing_ok=True)  # never a record of another probing beside this one
     if not probes:
         return
     stamps: dict = {}
     found = _probe(p, probes, model, base, evaluator, names, out, out / "probes-journal.json", here, stamps)
-    _write_json(
-        out / "robustness.json",
-        {
-            "method": "retrain",
-            "sequence": sequence.name,
-            "steps": len(names),
-            "after": after,
-            "recipe_hash": digest,
-            **here,
-            "probed_at": here,
-            **({"probed_at_by_concept": stamps} if any(v != here for v in stamps.values()) else {}),
-            "probe_spec": p.eval.probes.model_dump(mode="json"),
-            "families": probes,
-            "summary": summarise(found),
-            "probes": to_records(found),
-        },
+    probe_spec = p.eval.probes.model_dump(mode="json")
+    record = robustness_record(
+        "retrain", sequence.name, len(names), after, made, here, stamps, probe_spec, probes, found
     )
+    _write_json(out / "robustness.json", record)
     console.print(f"robustness -> {out}/robustness.json, {out}/probes.png")
 
 

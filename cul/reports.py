@@ -168,6 +168,41 @@ def side_by_side(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def robustness_record(
+    method: str,
+    sequence: str,
+    steps: int,
+    after: dict,
+    made_by: dict,
+    probed_at: dict,
+    stamps: dict,
+    probe_spec: dict,
+    families: str,
+    found: list,
+    **extra,
+) -> dict:
+    """The `robustness.json` of a probed model (`cul bench --probes`, `cul retrain --probes`):
+    `after` its UA, RA and FD; `made_by` the recipe hash and commit that made it; `probed_at` the
+    code that probed, `stamps` per concept where a concept was read back from the journal of an
+    earlier process at another revision; `extra` (order seed, gated mode) goes after `steps`."""
+    from cul.probes import summarise, to_records
+
+    return {
+        "method": method,
+        "sequence": sequence,
+        "steps": steps,
+        **extra,
+        "after": after,
+        **{k: made_by.get(k) for k in ("recipe_hash", "git_commit", "git_dirty")},
+        "probed_at": probed_at,
+        **({"probed_at_by_concept": stamps} if any(v != probed_at for v in stamps.values()) else {}),
+        "probe_spec": probe_spec,
+        "families": families,
+        "summary": summarise(found),
+        "probes": to_records(found),
+    }
+
+
 def load_robustness(folder: str | Path) -> dict[str, dict]:
     """Every FOLDER/*/robustness.json (`cul bench --probes`), keyed by its run's name (`_label`)."""
     found: dict[str, dict] = {}

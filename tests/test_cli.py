@@ -18,6 +18,7 @@ COMMANDS = [
     "run",
     "vocab",
     "bench",
+    "retrain",
     "report",
     "step",
     "promote",
@@ -324,6 +325,17 @@ def test_bench_refuses_a_branch_it_cannot_read_before_loading_a_model(root, monk
     monkeypatch.chdir(root)
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2 and "RUN_FOLDER:K" in result.output
+
+
+def test_retrain_refuses_a_sequence_that_leaves_a_kind_empty_before_training(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root)
+    import cul.world as w
+
+    seq = tmp_path / "textures.yaml"
+    seq.write_text("requests:\n" + "".join(f"  - {{concept: {t.name}, kind: texture}}\n" for t in w.TEXTURES))
+    result = runner.invoke(app, ["retrain", "--sequence", str(seq), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "leaves no texture to draw" in _text(result.output)
+    assert not (tmp_path / "out").exists()
 
 
 def test_relapses_count_a_share_at_the_limit_as_kept_and_a_missing_score_as_back():

@@ -91,3 +91,29 @@ def test_caption_grammar():
 def test_all_scenes_covers_every_combination():
     scenes = w.all_scenes()
     assert len(scenes) == 512 == len(set(scenes))
+
+
+def test_a_world_without_some_concepts_never_draws_them_and_keeps_the_rest():
+    gone = {"ring", "green", "plain", "speckled"}
+    world = w.World(seed=3, exclude=gone)
+    _, captions, scenes = world.batch(1024, 0)
+    shown = {n for s in scenes for n in (s.object, s.colour, s.texture)}
+    assert not shown & gone
+    assert shown == {c.name for g in w.CONCEPTS.values() for c in g} - gone  # every other concept still drawn
+    for cap in captions:  # nor is any of their words written
+        assert not any(w.resolve(word) and w.resolve(word).name in gone for word in cap.split()), cap
+
+
+def test_without_exclusions_the_stream_is_the_one_the_base_model_was_trained_on():
+    import hashlib
+
+    images, captions, _ = w.World(seed=0).batch(64, 0)
+    digest = hashlib.sha256(images.tobytes() + "\n".join(captions).encode()).hexdigest()[:16]
+    assert digest == "8ec68c15d6810f0d"  # the stream's first batch as the code before `exclude` drew it
+
+
+def test_a_world_refuses_an_unknown_concept_or_a_kind_left_empty():
+    with pytest.raises(KeyError, match="unknown concept 'unicorn'"):
+        w.World(exclude=["unicorn"])
+    with pytest.raises(ValueError, match="leaves no texture to draw"):
+        w.World(exclude=[t.name for t in w.TEXTURES])
