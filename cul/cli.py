@@ -887,7 +887,15 @@ def report(
     """Combine benchmark runs: a markdown table of the last step of each method, and plots of
     every metric against the request step for all methods."""
     from cul.plots import metric_curves
-    from cul.reports import benchmark_table, load_robustness, load_runs, robustness_table, side_by_side, steps_table
+    from cul.reports import (
+        benchmark_table,
+        beyond_retraining_table,
+        load_robustness,
+        load_runs,
+        robustness_table,
+        side_by_side,
+        steps_table,
+    )
     from cul.results import BenchmarkError
 
     out = out or runs
@@ -901,9 +909,16 @@ def report(
     robust = robustness_table(records)
     probed = sorted({str(r.get("families", "all")) for r in records.values()})  # what --probes each run had
     probes = f"cul bench --probes {probed[0]}" if len(probed) == 1 else "cul bench --probes, as each run"
+    beyond = beyond_retraining_table(records)
     (out / "table.md").write_text(
         benchmark_table(found)
         + (f"\n### Under attack (`{probes}`)\n\n" + robust if robust else "")
+        + (
+            "\n### Beyond retraining (recovery over the retrained model's on the same probe, counted where "
+            "higher)\n\n" + beyond
+            if beyond
+            else ""
+        )
         + "\n### At equal steps\n\n"
         + side_by_side(found)
         + "\n### Every step\n\n"

@@ -242,3 +242,47 @@ def robustness_table(records: dict[str, dict]) -> str:
         + "\n"
     )
     return head + "\n".join(rows) + "\n"
+
+
+def beyond_retraining(run: dict, retrained: dict, min_base_rate: float = 0.5) -> dict[str, dict]:
+    """Per probe family, what an erasure leaves beyond retraining: over the probes both records ran
+    (same probe, same concept: the same prompts and seeds) that the base model reads
+    (`cul.probes.summarise`), max(0, the run's recovery - the retrained model's), mean and worst."""
+    from cul.probes import FAMILIES, from_records
+
+    gold = {(r.name, r.concept): r.recovery for r in from_records(retrained["probes"])}
+    out: dict[str, dict] = {}
+    for family in FAMILIES:
+        gaps = [
+            max(0.0, r.recovery - gold[(r.name, r.concept)])
+            for r in from_records(run["probes"])
+            if r.family == family and r.base_rate >= min_base_rate and (r.name, r.concept) in gold
+        ]
+        if gaps:
+            out[family] = {"mean": float(sum(gaps) / len(gaps)), "worst": max(gaps), "probes": len(gaps)}
+    return out
+
+
+def beyond_retraining_table(records: dict[str, dict]) -> str:
+    """Markdown: for every probed run whose sequence has a retrained model probed beside it (`cul
+    retrain --probes`, method "retrain"), `beyond_retraining` per family: worst / mean."""
+    from cul.probes import FAMILIES
+
+    gold = {r["sequence"]: r for r in records.values() if r.get("method") == "retrain"}
+    rows = []
+    for label, r in records.items():
+        if r.get("method") == "retrain" or r["sequence"] not in gold:
+            continue
+        gaps = beyond_retraining(r, gold[r["sequence"]])
+        cells = [f"{pct(gaps[f]['worst'])} / {pct(gaps[f]['mean'])}" if f in gaps else "-" for f in FAMILIES]
+        rows.append(f"| {label} | {r['sequence']} | {r['steps']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = (
+        "| method | sequence | requests | "
+        + " | ".join(f"{fam}: worst / mean" for fam in FAMILIES)
+        + " |\n|"
+        + "---|" * (3 + len(FAMILIES))
+        + "\n"
+    )
+    return head + "\n".join(rows) + "\n"

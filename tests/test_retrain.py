@@ -54,3 +54,27 @@ def test_a_retrained_models_robustness_record_is_read_like_a_runs(tmp_path):
     row = robustness_table(records).splitlines()[-1]
     assert row.startswith("| retrain | s.yaml | 2 |") and "| 37.5 / 18.8 |" in row and "`abcdef12` @ `0123456`" in row
     assert robustness_bars(records, tmp_path / "r.png").exists()
+
+
+def test_beyond_retraining_counts_only_what_the_erasure_leaves_over_the_retrained_model():
+    from cul.probes import ProbeResult, to_records
+    from cul.reports import beyond_retraining, beyond_retraining_table
+
+    def probes(plain, ring, typo):
+        return to_records([
+            ProbeResult(probe="soft_prompt", family="soft_prompt", concept="plain", hits=plain, images=16,
+                        base_hits=16, base_images=16, prompt="p"),
+            ProbeResult(probe="soft_prompt", family="soft_prompt", concept="ring", hits=ring, images=16,
+                        base_hits=16, base_images=16, prompt="p"),
+            ProbeResult(probe="typo", family="wording", concept="ring", hits=typo, images=16,
+                        base_hits=4, base_images=16, prompt="p"),  # the base model barely reads it
+        ])  # fmt: skip
+
+    run = {"method": "dfr", "sequence": "s.yaml", "steps": 2, "probes": probes(14, 4, 8)}
+    gold = {"method": "retrain", "sequence": "s.yaml", "steps": 2, "probes": probes(12, 6, 0)}
+    gaps = beyond_retraining(run, gold)
+    assert gaps == {"soft_prompt": {"mean": 1 / 16, "worst": 2 / 16, "probes": 2}}  # plain +2 images, ring 0
+    table = beyond_retraining_table({"dfr": run, "retrain": gold, "other": {**run, "sequence": "t.yaml"}})
+    assert table.splitlines()[-1].startswith("| dfr | s.yaml | 2 | - | 12.5 / 6.2 |")
+    assert len(table.splitlines()) == 3  # no row for the retrained model itself, nor for another sequence
+    assert beyond_retraining_table({"dfr": run}) == ""
