@@ -232,16 +232,15 @@ def robustness_table(records: dict[str, dict]) -> str:
             + " | ".join(cells)
             + f" | {_made_by(r)} |"
         )
+    columns = ["method", "sequence", "requests", "UA", "RA-I", "RA-C", "RA-N", "FD / base"]
+    return _table([*columns, *(f"{fam}: worst / mean" for fam in FAMILIES), "recipe @ commit"], rows)
+
+
+def _table(columns: list[str], rows: list[str]) -> str:
+    """Markdown: a header of `columns` over `rows` (already written); "" without rows."""
     if not rows:
         return ""
-    head = (
-        "| method | sequence | requests | UA | RA-I | RA-C | RA-N | FD / base | "
-        + " | ".join(f"{fam}: worst / mean" for fam in FAMILIES)
-        + " | recipe @ commit |\n|"
-        + "---|" * (9 + len(FAMILIES))
-        + "\n"
-    )
-    return head + "\n".join(rows) + "\n"
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(rows) + "\n"
 
 
 def beyond_retraining(run: dict, retrained: dict, min_base_rate: float = 0.5) -> dict[str, dict]:
@@ -276,13 +275,4 @@ def beyond_retraining_table(records: dict[str, dict]) -> str:
         gaps = beyond_retraining(r, gold[r["sequence"]])
         cells = [f"{pct(gaps[f]['worst'])} / {pct(gaps[f]['mean'])}" if f in gaps else "-" for f in FAMILIES]
         rows.append(f"| {label} | {r['sequence']} | {r['steps']} | " + " | ".join(cells) + " |")
-    if not rows:
-        return ""
-    head = (
-        "| method | sequence | requests | "
-        + " | ".join(f"{fam}: worst / mean" for fam in FAMILIES)
-        + " |\n|"
-        + "---|" * (3 + len(FAMILIES))
-        + "\n"
-    )
-    return head + "\n".join(rows) + "\n"
+    return _table(["method", "sequence", "requests", *(f"{fam}: worst / mean" for fam in FAMILIES)], rows)
