@@ -820,14 +820,15 @@ def retrain(
 
     p = _params(params)
     started = code_revision(".")
-    if not uses_world_scenes(p.pipeline.concept_catalogue(), p.judge.kind):
+    catalogue = p.pipeline.concept_catalogue()
+    if not uses_world_scenes(catalogue, p.judge.kind):
         raise typer.BadParameter("retraining runs on the world's scenes and judge only (judge.kind: world)")
     cfg = p.pretrain.model_copy(update={"steps": steps}) if steps else p.pretrain
     try:
         requests = load_sequence(sequence)
         names = sequence_concepts(requests)
         job = Retraining(exclude=tuple(names), pretrain=cfg, model=p.model)
-        job.world()
+        excluded = job.world().exclude  # refuses a concept the world lacks, or a kind left empty
     except (BenchmarkError, KeyError, ValueError) as e:
         raise typer.BadParameter(f"{sequence}: {e}") from e
     out = out or p.paths.reports / "benchmark" / f"retrain-{sequence.stem}"
@@ -836,10 +837,10 @@ def retrain(
         raise typer.BadParameter(f"{out} holds a model retrained otherwise: give another --out")
     base = _model(p.paths.base_model)
     spec = p.eval.model_copy(update={"stride": stride}) if stride else p.eval
-    evaluator = _bench_evaluator(p, p.pipeline.concept_catalogue(), spec, base, requests)
+    evaluator = _bench_evaluator(p, catalogue, spec, base, requests)
     trainer = job.trainer(p.paths.checkpoints, p.sampling)
     console.print(
-        f"retraining without {', '.join(job.world().exclude)}"
+        f"retraining without {', '.join(excluded)}"
         + (f": resuming at step {trainer.step}/{cfg.steps}" if trainer.step else f": {cfg.steps} steps")
     )
     model = place(trainer.run(progress=not quiet))

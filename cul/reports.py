@@ -249,14 +249,11 @@ def beyond_retraining(run: dict, retrained: dict, min_base_rate: float = 0.5) ->
     (`cul.probes.summarise`), max(0, the run's recovery - the retrained model's), mean and worst."""
     from cul.probes import FAMILIES, from_records
 
-    gold = {(r.name, r.concept): r.recovery for r in from_records(retrained["probes"])}
+    gold = {r.name: r.recovery for r in from_records(retrained["probes"])}  # a name is probe:concept
+    probes = [r for r in from_records(run["probes"]) if r.base_rate >= min_base_rate and r.name in gold]
     out: dict[str, dict] = {}
     for family in FAMILIES:
-        gaps = [
-            max(0.0, r.recovery - gold[(r.name, r.concept)])
-            for r in from_records(run["probes"])
-            if r.family == family and r.base_rate >= min_base_rate and (r.name, r.concept) in gold
-        ]
+        gaps = [max(0.0, r.recovery - gold[r.name]) for r in probes if r.family == family]
         if gaps:
             out[family] = {"mean": float(sum(gaps) / len(gaps)), "worst": max(gaps), "probes": len(gaps)}
     return out
