@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cul.fmt import pct, times
 from cul.plots import concept_bars, scene_grid
 from cul.results import BenchmarkError, inherited, read_json, read_results
+
+if TYPE_CHECKING:
+    from cul.probes import ProbeResult
 
 
 def write_base_report(metrics: dict, images: torch.Tensor, out: str | Path) -> None:
@@ -243,17 +247,28 @@ def _table(columns: list[str], rows: list[str]) -> str:
     return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(rows) + "\n"
 
 
-def beyond_retraining(run: dict, retrained: dict, min_base_rate: float = 0.5) -> dict[str, dict]:
-    """Per probe family, what an erasure leaves beyond retraining: over the probes both records ran
+def retraining_gaps(run: dict, retrained: dict, min_base_rate: float = 0.5) -> list[tuple[ProbeResult, float]]:
+    """What an erasure leaves beyond retraining, probe by probe: over the probes both records ran
     (same probe, same concept: the same prompts and seeds) that the base model reads
-    (`cul.probes.summarise`), max(0, the run's recovery - the retrained model's), mean and worst."""
-    from cul.probes import FAMILIES, from_records
+    (`cul.probes.summarise`), each with max(0, the run's recovery - the retrained model's)."""
+    from cul.probes import from_records
 
     gold = {r.name: r.recovery for r in from_records(retrained["probes"])}  # a name is probe:concept
-    probes = [r for r in from_records(run["probes"]) if r.base_rate >= min_base_rate and r.name in gold]
+    return [
+        (r, max(0.0, r.recovery - gold[r.name]))
+        for r in from_records(run["probes"])
+        if r.base_rate >= min_base_rate and r.name in gold
+    ]
+
+
+def beyond_retraining(run: dict, retrained: dict, min_base_rate: float = 0.5) -> dict[str, dict]:
+    """Per probe family, `retraining_gaps`' mean and worst."""
+    from cul.probes import FAMILIES
+
+    probes = retraining_gaps(run, retrained, min_base_rate)
     out: dict[str, dict] = {}
     for family in FAMILIES:
-        gaps = [max(0.0, r.recovery - gold[r.name]) for r in probes if r.family == family]
+        gaps = [gap for r, gap in probes if r.family == family]
         if gaps:
             out[family] = {"mean": float(sum(gaps) / len(gaps)), "worst": max(gaps), "probes": len(gaps)}
     return out
